@@ -1,0 +1,353 @@
+"""Patch Gradient Descent: Algorithm 2 (Z-filling) and Algorithm 1 (one training iteration).
+
+Read this module beside the paper. Symbols: B images per batch, a grid of m × n patches
+(``grid.rows × grid.cols``), D latent channels, k patches per inner iteration, ζ inner
+iterations, ε inner iterations per optimizer step. Pure PyTorch: a training framework plugs in
+through :class:`StepHooks` (backward, optimizer step, mixed precision, gradient sync).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ConfigError
+from .grid import PatchGrid
+from .sampler import PatchSampler, SamplePlan, visit_budget
+
+FillNorm = Literal["batch", "running"]
+
+
+def check_fill_norm(norm: str) -> None:
+    """Raise :class:`ConfigError` unless ``norm`` is a :data:`FillNorm`."""
+    if norm not in ("batch", "running"):
+        raise ConfigError(f"fill_norm must be 'batch' or 'running', got {norm!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration of the inner loop
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """How one outer step (one batch) is split into inner iterations.
+
+    Give the patches per inner iteration either as a count (``patches_per_step``, k) or as a
+    fraction of the grid (``sampling_fraction``, k = ceil(fraction · m·n)); the paper's best
+    PANDA setting is 10 %.
+
+    Args:
+        patches_per_step: k, patches re-encoded with gradients per image per inner iteration.
+        sampling_fraction: k as a fraction of the grid, in (0, 1]; used when k is not given.
+        max_visit_fraction: cap on the fraction of an image's patches visited per outer step.
+        inner_steps: ζ; by default just enough to visit the capped set once:
+            ``ceil(ceil(max_visit_fraction · m·n) / k)``.
+        accumulation: ε, inner iterations whose gradients are averaged into one optimizer step;
+            by default ε = ζ (one step per batch: exact gradient descent, see :func:`train_step`).
+    """
+
+    patches_per_step: int | None = None
+    sampling_fraction: float | None = 0.1
+    max_visit_fraction: float = 1.0
+    inner_steps: int | None = None
+    accumulation: int | None = None
+
+    def resolve(self, num_patches: int) -> ResolvedLoop:
+        """Fill in the defaults for a grid of ``num_patches`` and check every value."""
+        n = num_patches
+        if self.patches_per_step is not None:
+            k = self.patches_per_step
+            if not 1 <= k <= n:
+                raise ConfigError(
+                    f"patches_per_step (k={k}) must be between 1 and the grid's {n} patches"
+                )
+        elif self.sampling_fraction is not None:
+            f = self.sampling_fraction
+            if not 0.0 < f <= 1.0:
+                raise ConfigError(f"sampling_fraction must be in (0, 1], got {f}")
+            k = max(1, math.ceil(f * n - 1e-9))
+        else:
+            raise ConfigError("give patches_per_step or sampling_fraction")
+        cap = self.max_visit_fraction
+        if not 0.0 < cap <= 1.0:
+            raise ConfigError(f"max_visit_fraction must be in (0, 1], got {cap}")
+        zeta = self.inner_steps
+        if zeta is None:
+            zeta = math.ceil(visit_budget(n, cap) / k)
+        elif zeta < 1:
+            raise ConfigError(f"inner_steps (ζ={zeta}) must be at least 1")
+        eps = zeta if self.accumulation is None else self.accumulation
+        if eps < 1:
+            raise ConfigError(f"accumulation (ε={eps}) must be at least 1")
+        if eps > zeta:
+            raise ConfigError(f"accumulation (ε={eps}) is larger than inner_steps (ζ={zeta})")
+        return ResolvedLoop(patches_per_step=k, inner_steps=zeta, accumulation=eps,
+                            max_visit_fraction=cap)
+
+
+@dataclass(frozen=True)
+class ResolvedLoop:
+    """An :class:`InnerLoopConfig` with every value fixed for one grid."""
+
+    patches_per_step: int
+    inner_steps: int
+    accumulation: int
+    max_visit_fraction: float
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps per outer step: ceil(ζ / ε), never zero."""
+        return len(accumulation_groups(self.inner_steps, self.accumulation))
+
+
+def accumulation_groups(inner_steps: int, accumulation: int) -> list[range]:
+    """Inner iterations grouped per optimizer step: every ε, plus the remainder (if any).
+
+    ``accumulation_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]``.
+    """
+    return [range(s, min(s + accumulation, inner_steps)) for s in range(0, inner_steps, accumulation)]
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 2: filling Z
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
+    """Put ``encoder`` in the state Z-filling needs, and restore it afterwards.
+
+    Dropout is off, so Z is a deterministic function of the weights. BatchNorm never updates its
+    running statistics during a fill: the fill is not a training step, and it would otherwise
+    count every patch of every image ζ-fold into the statistics. How it normalises:
+
+    - ``"batch"`` (default): batch statistics of the fill chunk, the same normalisation the
+      re-encoded patches get in the inner iterations, so the head sees one distribution over
+      all of Z. Right when training from scratch, where running statistics are still far off.
+    - ``"running"``: the running statistics (plain eval mode), for backbones whose BatchNorm is
+      already calibrated (pretrained weights) or kept frozen.
+
+    An encoder in eval mode (validation, inference) is left alone: running statistics everywhere.
+    """
+    check_fill_norm(norm)
+    modes = [(m, m.training) for m in encoder.modules()]
+    batchnorms = [m for m in encoder.modules() if isinstance(m, _BatchNorm)]
+    tracking = [bn.track_running_stats for bn in batchnorms]
+    was_training = encoder.training
+    encoder.eval()
+    if was_training and norm == "batch":
+        for bn in batchnorms:
+            # In train mode without tracking, BatchNorm normalises with batch statistics and
+            # leaves running_mean, running_var and num_batches_tracked untouched.
+            bn.train()
+            bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn, track in zip(batchnorms, tracking, strict=True):
+            bn.track_running_stats = track
+        for m, mode in modes:
+            m.training = mode
+
+
+@torch.no_grad()
+def fill_z(
+    encoder: nn.Module,
+    images: Tensor,
+    grid: PatchGrid,
+    chunk: int = 256,
+    norm: FillNorm = "batch",
+) -> Tensor:
+    """Algorithm 2: encode every patch of every image, without gradients, into Z.
+
+    Patches of all images are encoded together in chunks of at most ``chunk`` patches, so memory
+    is bounded by the chunk, not by the image. Chunks are balanced (sizes differ by at most one),
+    so no chunk is a lone patch that batch statistics cannot normalise.
+
+    Args:
+        encoder: maps ``(n, C, p, p)`` patches to ``(n, D)`` embeddings.
+        images: ``(B, C, H, W)`` batch of the size ``grid`` was built for.
+        grid: the patch geometry.
+        chunk: largest number of patches encoded at once (the fill's memory knob).
+        norm: how BatchNorm normalises during the fill; see :func:`fill_mode`.
+
+    Returns:
+        Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
+    """
+    if chunk < 1:
+        raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
+    view = grid.patch_view(grid.pad(images))
+    b, n = images.shape[0], grid.num_patches
+    flat = torch.arange(b * n, device=images.device)
+    z_flat: Tensor | None = None
+    with fill_mode(encoder, norm):
+        for part in torch.tensor_split(flat, math.ceil(b * n / chunk)):
+            emb = encoder(grid.gather(view, part // n, part % n))
+            if z_flat is None:
+                z_flat = emb.new_empty(b * n, emb.shape[1])
+            z_flat[part] = emb
+    assert z_flat is not None
+    return z_flat.view(b, grid.rows, grid.cols, -1).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Algorithm 1: one training iteration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StepHooks:
+    """Where a training framework plugs into :func:`train_step`; every field has a plain default.
+
+    Attributes:
+        backward: runs the backward pass of a (scaled) loss, e.g. a GradScaler's or Lightning's
+            ``manual_backward``. Default: ``loss.backward()``.
+        optimizer_step: applies and clears the accumulated gradients, e.g. with a scaler or a
+            learning-rate scheduler that advances per optimizer step. Default:
+            ``optimizer.step(); optimizer.zero_grad(set_to_none=True)``.
+        autocast: context for forward passes (mixed precision). Default: none.
+        grad_sync: ``grad_sync(sync)`` is the context around one inner iteration; ``sync`` is
+            True only for the last iteration before an optimizer step, so a DDP wrapper can skip
+            all-reducing gradients that are still accumulating (``no_sync``). Default: none.
+    """
+
+    backward: Callable[[Tensor], None] = Tensor.backward
+    optimizer_step: Callable[[], None] | None = None
+    autocast: Callable[[], AbstractContextManager[object]] = nullcontext
+    grad_sync: Callable[[bool], AbstractContextManager[object]] = field(
+        default=lambda sync: nullcontext()
+    )
+
+
+@dataclass
+class StepResult:
+    """What one outer step did.
+
+    Attributes:
+        losses: the unscaled loss of each inner iteration (head on the partly updated Z).
+        logits: detached logits of the last inner iteration, for training metrics.
+        optimizer_steps: how many times the optimizer stepped (ceil(ζ / ε)).
+        plan: the sampled positions, one ``(B, k_j)`` tensor per inner iteration (-1 = none).
+    """
+
+    losses: list[float]
+    logits: Tensor
+    optimizer_steps: int
+    plan: SamplePlan
+
+    @property
+    def loss(self) -> float:
+        """Mean loss over the inner iterations."""
+        return sum(self.losses) / len(self.losses)
+
+
+def train_step(
+    encoder: nn.Module,
+    head: nn.Module,
+    grid: PatchGrid,
+    images: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    loop: InnerLoopConfig | ResolvedLoop,
+    sampler: PatchSampler,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    fill_chunk: int = 256,
+    fill_norm: FillNorm = "batch",
+    candidates: Tensor | None = None,
+    hooks: StepHooks | None = None,
+) -> StepResult:
+    """Algorithm 1: one PatchGD iteration on a batch, with ceil(ζ/ε) optimizer steps.
+
+    1. Fill Z for every image with the current encoder, without gradients (Algorithm 2).
+    2. For each inner iteration j = 1..ζ: sample k patches per image; re-encode them with
+       gradients; write them into a detached copy of Z, so the graph spans only these k·B
+       patches; run the head on all of Z; back-propagate the loss scaled by 1/|group|.
+       Then keep the new embeddings in Z (detached) for the following iterations.
+    3. After every ε inner iterations, and after the last one, step the optimizer. The loss of
+       each iteration is divided by the size of its group (ε, or the remainder ζ mod ε for the
+       last group), so every step applies the mean gradient of its iterations.
+
+    Scaling (tested): with a backbone free of BatchNorm and dropout, ε = ζ and every patch visited
+    once, the accumulated head gradient equals the full-image gradient exactly and the encoder
+    gradient equals the full-image gradient divided by ε, as in the paper's Algorithm 1 (each
+    patch contributes through one inner iteration, each of which is divided by ε).
+
+    The optimizer's gradients are cleared on entry. Set the modules' train/eval modes before
+    calling (normally ``train()``); BatchNorm during the fill follows ``fill_norm``.
+    """
+    hooks = hooks or StepHooks()
+    step = hooks.optimizer_step or plain_optimizer_step(optimizer)
+    resolved = loop if isinstance(loop, ResolvedLoop) else loop.resolve(grid.num_patches)
+    batch = images.shape[0]
+    if targets.shape[0] != batch:
+        raise ConfigError(f"got {batch} images but {targets.shape[0]} targets")
+
+    optimizer.zero_grad(set_to_none=True)
+    with hooks.autocast():
+        z = fill_z(encoder, images, grid, fill_chunk, fill_norm)  # Algorithm 2, no gradients
+    plan = sampler.plan(batch, grid.num_patches, resolved.patches_per_step,
+                        resolved.inner_steps, resolved.max_visit_fraction, candidates)
+    view = grid.patch_view(grid.pad(images))
+
+    losses: list[float] = []
+    logits = torch.empty(0)
+    steps = 0
+    for group in accumulation_groups(resolved.inner_steps, resolved.accumulation):
+        for j in group:
+            image_idx, slot = (plan[j] >= 0).nonzero(as_tuple=True)
+            pos = plan[j][image_idx, slot].to(images.device)
+            image_idx = image_idx.to(images.device)
+            rows, cols = pos // grid.cols, pos % grid.cols
+            with hooks.grad_sync(j == group[-1]):
+                with hooks.autocast():
+                    emb = _encode(encoder, grid.gather(view, image_idx, pos))
+                    z_j = z.clone()  # Z holds no graph; the copy gets one
+                    z_j[image_idx, :, rows, cols] = emb.to(z_j.dtype)  # graph: active patches only
+                    out = head(z_j)
+                    loss = loss_fn(out, targets)
+                hooks.backward(loss / len(group))
+            z[image_idx, :, rows, cols] = emb.detach().to(z.dtype)
+            losses.append(float(loss.detach()))
+            logits = out.detach()
+        step()
+        steps += 1
+    return StepResult(losses=losses, logits=logits, optimizer_steps=steps, plan=plan)
+
+
+@torch.no_grad()
+def infer(
+    encoder: nn.Module,
+    head: nn.Module,
+    grid: PatchGrid,
+    images: Tensor,
+    fill_chunk: int = 256,
+) -> Tensor:
+    """Inference: fill Z with the (eval-mode) encoder and run the head once; returns logits."""
+    return head(fill_z(encoder, images, grid, fill_chunk, "running"))
+
+
+def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """The default optimizer step: ``optimizer.step()`` then ``zero_grad(set_to_none=True)``."""
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _encode(encoder: nn.Module, patches: Tensor) -> Tensor:
+    try:
+        return encoder(patches)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise ConfigError(
+            f"the encoder's BatchNorm cannot train on {patches.shape[0]} patch(es) at once; "
+            "raise patches_per_step or the batch size so that k·B >= 2"
+        ) from err
+

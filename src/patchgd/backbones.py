@@ -1,0 +1,75 @@
+"""Backbones from timm, by name, with optional weights from a local file."""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from .errors import ConfigError
+
+Pretrained = str | Path | bool | None
+
+
+@lru_cache(maxsize=1)
+def _all_model_names() -> tuple[str, ...]:
+    return tuple(timm.list_models())
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise :class:`ConfigError` naming close matches when timm does not know ``name``."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, _all_model_names(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"backbone={name!r} is not a timm model{hint}")
+
+
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int = 0,
+    image_size: int | tuple[int, int] | None = None,
+    in_chans: int = 3,
+    pretrained: Pretrained = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build timm model ``name``.
+
+    Args:
+        name: any ``timm.list_models()`` name (CNNs, ViTs such as ``deit_small_patch16_224``).
+        num_classes: 0 returns pooled features of width ``model.num_features``.
+        image_size: input size for models that are built for one (ViTs: position embeddings);
+            ignored by models that take any size (CNNs).
+        in_chans: input channels (1 for grayscale).
+        pretrained: a local weights file (``.pth``, ``.bin``, ``.safetensors``) loaded through
+            timm, which adapts the classifier, ``in_chans`` and ViT position embeddings; ``True``
+            downloads timm's default weights (needs a network); ``None``/``False``: random init.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``norm_layer``).
+    """
+    check_backbone_name(name)
+    load: dict[str, Any] = {"pretrained": False}
+    if isinstance(pretrained, str | Path):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ConfigError(f"pretrained weights file not found: {path}")
+        load = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    elif pretrained:
+        load = {"pretrained": True}
+    args = dict(num_classes=num_classes, in_chans=in_chans, **load, **kwargs)
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=image_size, **args)
+        except TypeError as err:  # CNNs take any input size and have no img_size argument
+            if "img_size" not in str(err):
+                raise
+    try:
+        return timm.create_model(name, **args)
+    except (RuntimeError, OSError, ValueError) as err:
+        if isinstance(pretrained, str | Path):
+            raise ConfigError(f"cannot load pretrained weights from {pretrained}: {err}") from err
+        raise

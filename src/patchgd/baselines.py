@@ -1,0 +1,171 @@
+"""Plain gradient-descent baselines on the same backbones, for honest comparisons with PatchGD.
+
+- :class:`GDClassifier`: the whole image through the backbone, pooled, linear classifier (GD).
+- :class:`GDExtendedClassifier`: the backbone's feature map through the same head as PatchGD
+  (the paper's GD-extended), so a gain of PatchGD cannot be put down to its extra head.
+- :class:`DownscaledGDClassifier`: GD on the image resized down to ``input_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .algorithm import StepHooks, StepResult, plain_optimizer_step
+from .backbones import Pretrained, create_backbone
+from .errors import ConfigError
+from .grid import as_pair
+from .head import HeadConfig
+from .model import Classifier, LossFn
+
+
+class GDClassifier(Classifier):
+    """The backbone on the full image with its own pooling and a linear classifier.
+
+    Args:
+        backbone: timm model name.
+        num_classes: number of classes.
+        image_size: input size; needed by ViTs (position embeddings), ignored by CNNs.
+        in_chans: image channels.
+        pretrained: local weights file (or ``True`` for timm's hub weights).
+        backbone_kwargs: extra ``timm.create_model`` arguments.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        *,
+        in_chans: int = 3,
+        pretrained: Pretrained = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.image_size = as_pair(image_size, "image_size")
+        self.backbone = create_backbone(
+            backbone, num_classes=num_classes, image_size=self.image_size, in_chans=in_chans,
+            pretrained=pretrained, **(backbone_kwargs or {}),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def training_step(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        hooks: StepHooks | None = None,
+    ) -> StepResult:
+        """One gradient-descent step on the batch, with the same hooks as PatchGD's step."""
+        return gd_train_step(self, images, targets, optimizer, loss_fn=loss_fn, hooks=hooks)
+
+
+class DownscaledGDClassifier(GDClassifier):
+    """GD on images resized (antialiased bilinear) from ``image_size`` down to ``input_size``."""
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        input_size: int | tuple[int, int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, num_classes, input_size, **kwargs)
+        self.source_size = as_pair(image_size, "image_size")
+
+    def forward(self, images: Tensor) -> Tensor:
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(
+                images, size=self.image_size, mode="bilinear", antialias=True, align_corners=False
+            )
+        return self.backbone(images)
+
+
+class GDExtendedClassifier(GDClassifier):
+    """The backbone's last feature map, projected to ``latent_dim``, through PatchGD's head.
+
+    The feature map plays the role of Z: a 1×1 convolution maps its channels to ``latent_dim``
+    and :class:`~patchgd.head.LatentHead` classifies it. ViT tokens are reshaped to their grid.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        *,
+        latent_dim: int = 256,
+        head: HeadConfig | None = None,
+        in_chans: int = 3,
+        pretrained: Pretrained = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        Classifier.__init__(self)
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.image_size = as_pair(image_size, "image_size")
+        kwargs = dict(num_classes=0, image_size=self.image_size, in_chans=in_chans,
+                      **(backbone_kwargs or {}))
+        with torch.device("meta"):  # the feature map's shape, without allocating anything
+            probe = create_backbone(backbone, **kwargs)
+            shape = _feature_map(probe, torch.empty(1, in_chans, *self.image_size)).shape
+        self.backbone = create_backbone(backbone, pretrained=pretrained, **kwargs)
+        self.proj = nn.Conv2d(shape[1], latent_dim, kernel_size=1)
+        self.head = (head or HeadConfig()).build(latent_dim, num_classes, (shape[2], shape[3]))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.proj(_feature_map(self.backbone, images)))
+
+
+def _feature_map(backbone: nn.Module, images: Tensor) -> Tensor:
+    """The backbone's last feature map as ``(B, C, h, w)``."""
+    features = backbone.forward_features(images)
+    if features.dim() == 4:
+        if getattr(backbone, "output_fmt", "NCHW") == "NHWC":
+            features = features.permute(0, 3, 1, 2)
+        return features
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if features.dim() == 3 and patch_embed is not None:  # ViT tokens: (B, prefix + h·w, C)
+        prefix = getattr(backbone, "num_prefix_tokens", 0)
+        h, w = patch_embed.dynamic_feat_size(images.shape[-2:]) if hasattr(
+            patch_embed, "dynamic_feat_size") else patch_embed.grid_size
+        tokens = features[:, prefix:]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+    raise ConfigError(
+        f"cannot read a spatial feature map from {type(backbone).__name__} "
+        f"(forward_features gave shape {tuple(features.shape)}); GD-extended needs a CNN or ViT"
+    )
+
+
+def gd_train_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: LossFn = F.cross_entropy,
+    hooks: StepHooks | None = None,
+) -> StepResult:
+    """Plain gradient descent: forward the whole batch, backward, one optimizer step."""
+    hooks = hooks or StepHooks()
+    optimizer.zero_grad(set_to_none=True)
+    with hooks.grad_sync(True):
+        with hooks.autocast():
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+        hooks.backward(loss)
+    (hooks.optimizer_step or plain_optimizer_step(optimizer))()
+    return StepResult(losses=[float(loss.detach())], logits=logits.detach(), optimizer_steps=1,
+                      plan=[])

@@ -1,0 +1,54 @@
+"""The patch encoder f_θ1: a timm backbone whose pooled features are projected to ``latent_dim``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .backbones import Pretrained, create_backbone
+
+
+class PatchEncoder(nn.Module):
+    """Encodes a batch of patches ``(n, C, p, p)`` into embeddings ``(n, latent_dim)``.
+
+    The backbone is any timm model, built for ``patch_size`` inputs (ViTs get
+    ``img_size=patch_size``), with its classifier removed; its globally pooled features go
+    through ``Linear(num_features, latent_dim)``, as the paper's ResNet50 with its classifier
+    replaced by ``Linear(2048, D)``.
+
+    Args:
+        backbone: timm model name, e.g. ``"resnet50"``, ``"mobilenetv2_100"``,
+            ``"deit_tiny_patch16_224"``.
+        patch_size: side of the square patches the encoder receives.
+        latent_dim: D, the channels of the latent grid Z (the paper uses 256).
+        in_chans: image channels.
+        pretrained: local weights file, ``True`` for timm's hub weights, or ``None``.
+        **backbone_kwargs: passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        patch_size: int,
+        latent_dim: int = 256,
+        in_chans: int = 3,
+        pretrained: Pretrained = None,
+        **backbone_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.patch_size = patch_size
+        self.latent_dim = latent_dim
+        self.backbone = create_backbone(
+            backbone,
+            num_classes=0,
+            image_size=patch_size,
+            in_chans=in_chans,
+            pretrained=pretrained,
+            **backbone_kwargs,
+        )
+        self.proj = nn.Linear(self.backbone.num_features, latent_dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.proj(self.backbone(patches))

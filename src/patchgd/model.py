@@ -1,0 +1,154 @@
+"""PatchGD as one module: grid, encoder, head, inner-loop settings and sampler together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .algorithm import (
+    FillNorm,
+    InnerLoopConfig,
+    StepHooks,
+    StepResult,
+    check_fill_norm,
+    fill_z,
+    infer,
+)
+from .algorithm import train_step as patchgd_train_step
+from .backbones import Pretrained
+from .encoder import PatchEncoder
+from .grid import PadValue, PatchGrid
+from .head import HeadConfig
+from .sampler import PatchSampler, RandomPatchSampler
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Classifier(nn.Module):
+    """What PatchGD and the baselines share: logits from images, and one training step."""
+
+    def predict_proba(self, images: Tensor) -> Tensor:
+        """Class probabilities ``(B, num_classes)``, computed in eval mode without gradients."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(images).float().softmax(dim=1)
+        finally:
+            self.train(was_training)
+
+    def training_step(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        hooks: StepHooks | None = None,
+    ) -> StepResult:
+        raise NotImplementedError
+
+
+class PatchGDClassifier(Classifier):
+    """An image classifier trained by Patch Gradient Descent.
+
+    Args:
+        backbone: timm model name of the patch encoder.
+        num_classes: number of classes.
+        image_size: ``(height, width)`` (or one int) of the input images.
+        patch_size: side of a square patch, in pixels.
+        stride: patch stride (defaults to ``patch_size``; smaller values overlap patches).
+        pad_value: fill for the bottom/right padding when patches do not tile the image exactly.
+        latent_dim: D, channels of the latent grid Z.
+        in_chans: image channels.
+        pretrained: local weights file for the backbone (or ``True`` for timm's hub weights).
+        head: shape of the head on Z (the paper's head by default).
+        loop: k, ζ, ε and the visit cap (:class:`InnerLoopConfig`).
+        sampler: the patch sampler (uniform, per image, by default).
+        fill_chunk: most patches encoded at once while filling Z.
+        fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
+            (see :func:`patchgd.algorithm.fill_mode`).
+        seed: seed of the default sampler.
+        backbone_kwargs: extra ``timm.create_model`` arguments.
+
+    ``model(images)`` gives inference logits (Z filled without gradients, head run once);
+    train with :meth:`training_step`. The sampler's random state is part of ``state_dict()``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        patch_size: int,
+        *,
+        stride: int | None = None,
+        pad_value: PadValue = 0.0,
+        latent_dim: int = 256,
+        in_chans: int = 3,
+        pretrained: Pretrained = None,
+        head: HeadConfig | None = None,
+        loop: InnerLoopConfig | None = None,
+        sampler: PatchSampler | None = None,
+        fill_chunk: int = 256,
+        fill_norm: FillNorm = "batch",
+        seed: int = 0,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid = PatchGrid(image_size, patch_size, stride, pad_value)
+        self.loop = (loop or InnerLoopConfig()).resolve(self.grid.num_patches)  # fail early
+        check_fill_norm(fill_norm)
+        self.fill_chunk = fill_chunk
+        self.fill_norm: FillNorm = fill_norm
+        self.num_classes = num_classes
+        self.encoder = PatchEncoder(
+            backbone, patch_size, latent_dim, in_chans, pretrained, **(backbone_kwargs or {})
+        )
+        self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
+        self.sampler = sampler or RandomPatchSampler(seed)
+
+    def fill_z(self, images: Tensor) -> Tensor:
+        """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""
+        return fill_z(self.encoder, images, self.grid, self.fill_chunk, self.fill_norm)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return infer(self.encoder, self.head, self.grid, images, self.fill_chunk)
+
+    def training_step(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: LossFn = F.cross_entropy,
+        hooks: StepHooks | None = None,
+        candidates: Tensor | None = None,
+    ) -> StepResult:
+        """One outer step of Algorithm 1 on a batch; see :func:`patchgd.algorithm.train_step`.
+
+        ``candidates`` optionally restricts, per image, the positions the sampler may pick
+        (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches).
+        """
+        return patchgd_train_step(
+            self.encoder, self.head, self.grid, images, targets, optimizer, self.loop,
+            self.sampler, loss_fn=loss_fn, fill_chunk=self.fill_chunk,
+            fill_norm=self.fill_norm, candidates=candidates, hooks=hooks,
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def param_groups(self, encoder_lr: float, head_lr: float) -> Sequence[dict[str, Any]]:
+        """Optimizer parameter groups with separate learning rates for encoder and head."""
+        return [
+            {"params": list(self.encoder.parameters()), "lr": encoder_lr, "name": "encoder"},
+            {"params": list(self.head.parameters()), "lr": head_lr, "name": "head"},
+        ]
