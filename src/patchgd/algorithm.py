@@ -88,8 +88,9 @@ class InnerLoopConfig:
             raise ConfigError(f"accumulation (ε={eps}) must be at least 1")
         if eps > zeta:
             raise ConfigError(f"accumulation (ε={eps}) is larger than inner_steps (ζ={zeta})")
-        return ResolvedLoop(patches_per_step=k, inner_steps=zeta, accumulation=eps,
-                            max_visit_fraction=cap)
+        return ResolvedLoop(
+            patches_per_step=k, inner_steps=zeta, accumulation=eps, max_visit_fraction=cap
+        )
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,9 @@ def accumulation_groups(inner_steps: int, accumulation: int) -> list[range]:
 
     ``accumulation_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]``.
     """
-    return [range(s, min(s + accumulation, inner_steps)) for s in range(0, inner_steps, accumulation)]
+    return [
+        range(s, min(s + accumulation, inner_steps)) for s in range(0, inner_steps, accumulation)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,8 +292,14 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with hooks.autocast():
         z = fill_z(encoder, images, grid, fill_chunk, fill_norm)  # Algorithm 2, no gradients
-    plan = sampler.plan(batch, grid.num_patches, resolved.patches_per_step,
-                        resolved.inner_steps, resolved.max_visit_fraction, candidates)
+    plan = sampler.plan(
+        batch,
+        grid.num_patches,
+        resolved.patches_per_step,
+        resolved.inner_steps,
+        resolved.max_visit_fraction,
+        candidates,
+    )
     view = grid.patch_view(grid.pad(images))
 
     losses: list[float] = []
@@ -350,4 +359,3 @@ def _encode(encoder: nn.Module, patches: Tensor) -> Tensor:
             f"the encoder's BatchNorm cannot train on {patches.shape[0]} patch(es) at once; "
             "raise patches_per_step or the batch size so that k·B >= 2"
         ) from err
-

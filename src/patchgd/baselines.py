@@ -50,8 +50,12 @@ class GDClassifier(Classifier):
         self.num_classes = num_classes
         self.image_size = as_pair(image_size, "image_size")
         self.backbone = create_backbone(
-            backbone, num_classes=num_classes, image_size=self.image_size, in_chans=in_chans,
-            pretrained=pretrained, **(backbone_kwargs or {}),
+            backbone,
+            num_classes=num_classes,
+            image_size=self.image_size,
+            in_chans=in_chans,
+            pretrained=pretrained,
+            **(backbone_kwargs or {}),
         )
 
     def forward(self, images: Tensor) -> Tensor:
@@ -116,8 +120,9 @@ class GDExtendedClassifier(GDClassifier):
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         self.num_classes = num_classes
         self.image_size = as_pair(image_size, "image_size")
-        kwargs = dict(num_classes=0, image_size=self.image_size, in_chans=in_chans,
-                      **(backbone_kwargs or {}))
+        kwargs = dict(
+            num_classes=0, image_size=self.image_size, in_chans=in_chans, **(backbone_kwargs or {})
+        )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(backbone, **kwargs)
             shape = _feature_map(probe, torch.empty(1, in_chans, *self.image_size)).shape
@@ -139,8 +144,11 @@ def _feature_map(backbone: nn.Module, images: Tensor) -> Tensor:
     patch_embed = getattr(backbone, "patch_embed", None)
     if features.dim() == 3 and patch_embed is not None:  # ViT tokens: (B, prefix + h·w, C)
         prefix = getattr(backbone, "num_prefix_tokens", 0)
-        h, w = patch_embed.dynamic_feat_size(images.shape[-2:]) if hasattr(
-            patch_embed, "dynamic_feat_size") else patch_embed.grid_size
+        h, w = (
+            patch_embed.dynamic_feat_size(images.shape[-2:])
+            if hasattr(patch_embed, "dynamic_feat_size")
+            else patch_embed.grid_size
+        )
         tokens = features[:, prefix:]
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
     raise ConfigError(
@@ -167,5 +175,6 @@ def gd_train_step(
             loss = loss_fn(logits, targets)
         hooks.backward(loss)
     (hooks.optimizer_step or plain_optimizer_step(optimizer))()
-    return StepResult(losses=[float(loss.detach())], logits=logits.detach(), optimizer_steps=1,
-                      plan=[])
+    return StepResult(
+        losses=[float(loss.detach())], logits=logits.detach(), optimizer_steps=1, plan=[]
+    )

@@ -127,7 +127,9 @@ class PatchGrid:
         b, c, h, w = images.shape
         fill = torch.as_tensor(self.pad_value, dtype=images.dtype, device=images.device)
         if fill.numel() not in (1, c):
-            raise ConfigError(f"pad_value has {fill.numel()} values but the images have {c} channels")
+            raise ConfigError(
+                f"pad_value has {fill.numel()} values but the images have {c} channels"
+            )
         out = fill.reshape(1, -1, 1, 1).expand(b, c, h + dh, w + dw).clone()
         out[:, :, :h, :w] = images
         return out
@@ -138,7 +140,7 @@ class PatchGrid:
         return padded.unfold(2, p, s).unfold(3, p, s)
 
     def gather(self, view: Tensor, image_index: Tensor, flat_index: Tensor) -> Tensor:
-        """Patches at ``(image_index[i], flat_index[i])`` from :meth:`patch_view`, as ``(n, C, p, p)``.
+        """Patches ``(image_index[i], flat_index[i])`` of a :meth:`patch_view`, ``(n, C, p, p)``.
 
         Only the requested patches are copied, so memory is bounded by the number asked for.
         """

@@ -38,8 +38,8 @@ class LatentHead(nn.Module):
         stride1_layers: 3×3 stride-1 convolutions first (the paper's variants: 0, 1, 2).
         stride2_layers: 3×3 stride-2 convolutions after them; each halves the grid (rounding up).
         dropout: Dropout2d probability after each convolution.
-        norm: ``"batch"`` (paper), ``"group"`` (GroupNorm with 32 groups or fewer, independent of
-            batch size, so batches of one image train), or ``"none"``.
+        norm: ``"batch"`` (paper), ``"group"`` (GroupNorm, at most 32 groups of 2+ channels;
+            independent of the batch size, so batches of one image train), or ``"none"``.
         pool: ``"flatten"`` (paper; the head then serves one grid shape) or ``"avg"`` (global
             average pooling; any grid shape, e.g. images of varying size at inference).
     """
@@ -125,7 +125,8 @@ def _norm_layer(norm: Norm, channels: int) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "group":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        # At most 32 groups of at least 2 channels, so a 1×1 grid still normalises.
+        groups = next((g for g in (32, 16, 8, 4, 2) if channels % g == 0 and channels >= 2 * g), 1)
         return nn.GroupNorm(groups, channels)
     return nn.Identity()
 

@@ -135,9 +135,19 @@ class PatchGDClassifier(Classifier):
         (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches).
         """
         return patchgd_train_step(
-            self.encoder, self.head, self.grid, images, targets, optimizer, self.loop,
-            self.sampler, loss_fn=loss_fn, fill_chunk=self.fill_chunk,
-            fill_norm=self.fill_norm, candidates=candidates, hooks=hooks,
+            self.encoder,
+            self.head,
+            self.grid,
+            images,
+            targets,
+            optimizer,
+            self.loop,
+            self.sampler,
+            loss_fn=loss_fn,
+            fill_chunk=self.fill_chunk,
+            fill_norm=self.fill_norm,
+            candidates=candidates,
+            hooks=hooks,
         )
 
     def get_extra_state(self) -> dict[str, Any]:

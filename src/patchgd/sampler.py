@@ -31,7 +31,7 @@ class PatchSampler(Protocol):
         max_visit_fraction: float,
         candidates: Tensor | None = None,
     ) -> SamplePlan:
-        """Return ``inner_steps`` tensors of shape ``(batch_size, k_j)``, ``k_j <= patches_per_step``.
+        """Return ``inner_steps`` tensors of shape ``(batch_size, k_j)``, ``k_j <= k``.
 
         ``candidates`` is an optional ``(batch_size, num_patches)`` boolean mask of the positions
         an image may visit (for example its tissue patches); ``None`` allows every position.

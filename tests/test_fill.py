@@ -1,0 +1,106 @@
+"""Algorithm 2: Z-filling equals a per-patch forward, and leaves the encoder's state alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchgd import ConfigError, PatchEncoder, PatchGrid, fill_mode, fill_z
+from reference import TinyEncoder, reference_z
+
+GRIDS = [  # (H, W, patch, stride): exact, overlap, padding, overlap + padding, non-square
+    (64, 64, 32, 32),
+    (64, 64, 32, 16),
+    (70, 45, 32, 32),
+    (75, 61, 32, 20),
+    (40, 96, 16, 16),
+]
+
+
+@pytest.mark.parametrize(("h", "w", "p", "s"), GRIDS)
+@pytest.mark.parametrize("backbone", ["test_efficientnet_gn", "test_vit"])
+def test_fill_equals_per_patch_forward_at_every_position(h, w, p, s, backbone):
+    encoder = PatchEncoder(backbone, p, latent_dim=16).double().eval()
+    grid = PatchGrid((h, w), p, s, pad_value=0.5)
+    images = torch.randn(2, 3, h, w, dtype=torch.float64)
+    z = fill_z(encoder, images, grid, chunk=5)
+    with torch.no_grad():
+        expected = reference_z(encoder, images, grid)
+    assert z.shape == (2, 16, grid.rows, grid.cols)
+    torch.testing.assert_close(z, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
+def test_fill_does_not_depend_on_the_chunk_size(chunk):
+    encoder = TinyEncoder().double()
+    grid = PatchGrid((50, 50), 16, 12)
+    images = torch.randn(3, 3, 50, 50, dtype=torch.float64)
+    torch.testing.assert_close(
+        fill_z(encoder, images, grid, chunk=chunk), fill_z(encoder, images, grid, chunk=10**6)
+    )
+
+
+def test_batchnorm_encoder_in_eval_mode_fills_like_a_per_patch_eval_forward():
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8).double()
+    # Make the running statistics non-trivial so that eval and train normalisation differ.
+    encoder.train()
+    with torch.no_grad():
+        encoder(torch.randn(16, 3, 32, 32, dtype=torch.float64) * 3 + 1)
+    encoder.eval()
+    grid = PatchGrid(64, 32)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference_z(encoder, images, grid)
+    torch.testing.assert_close(fill_z(encoder, images, grid, chunk=3), expected)
+
+
+def _bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "batches" in k}
+
+
+@pytest.mark.parametrize("norm", ["batch", "running"])
+def test_fill_in_training_never_changes_running_statistics_and_restores_modes(norm):
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8)
+    encoder.train()
+    encoder.proj.eval()  # an odd mix of modes must come back unchanged too
+    modes = {name: m.training for name, m in encoder.named_modules()}
+    before = _bn_state(encoder)
+    grid = PatchGrid(96, 32)
+    z1 = fill_z(encoder, torch.randn(2, 3, 96, 96), grid, chunk=4, norm=norm)
+    after = _bn_state(encoder)
+    assert before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {name: m.training for name, m in encoder.named_modules()} == modes
+    assert all(bn.track_running_stats for bn in encoder.modules() if hasattr(bn, "running_mean"))
+    assert torch.isfinite(z1).all()
+
+
+def test_batch_fill_normalises_with_chunk_statistics_and_running_fill_with_running_ones():
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8).double().train()
+    grid = PatchGrid(64, 32)
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64) * 5 + 2
+    # "batch": one chunk of all 4 patches == a train-mode forward of those 4 (without updates).
+    z_batch = fill_z(encoder, images, grid, chunk=4, norm="batch")
+    with torch.no_grad(), fill_mode(encoder, "batch"):
+        expected = encoder(grid.extract(images)[0].reshape(4, 3, 32, 32))
+    torch.testing.assert_close(z_batch[0].permute(1, 2, 0).reshape(4, -1), expected)
+    # "running": equals the eval-mode forward.
+    z_running = fill_z(encoder, images, grid, chunk=1, norm="running")
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(z_running, reference_z(encoder, images, grid))
+    assert not torch.allclose(z_batch, z_running)
+
+
+def test_fill_is_deterministic_with_dropout_in_the_encoder():
+    encoder = PatchEncoder("test_vit", 32, latent_dim=8, drop_rate=0.5).train()
+    grid = PatchGrid(64, 32)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(fill_z(encoder, images, grid), fill_z(encoder, images, grid))
+
+
+def test_fill_rejects_bad_settings():
+    grid = PatchGrid(64, 32)
+    with pytest.raises(ConfigError, match="fill_chunk must be at least 1, got 0"):
+        fill_z(TinyEncoder(), torch.zeros(1, 3, 64, 64), grid, chunk=0)
+    with pytest.raises(ConfigError, match="fill_norm must be 'batch' or 'running', got 'train'"):
+        fill_z(TinyEncoder(), torch.zeros(1, 3, 64, 64), grid, norm="train")  # type: ignore[arg-type]

@@ -1,0 +1,119 @@
+"""PatchGD and the baselines as models: they learn, agree on shapes, save state, load weights."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from patchgd import (
+    DownscaledGDClassifier,
+    GDClassifier,
+    GDExtendedClassifier,
+    HeadConfig,
+    InnerLoopConfig,
+    PatchGDClassifier,
+    PatchEncoder,
+    StepHooks,
+)
+
+
+def _fixed_batch(size: int = 64, batch: int = 4, classes: int = 3):
+    torch.manual_seed(0)
+    return torch.randn(batch, 3, size, size), torch.arange(batch) % classes
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "deit_tiny_patch16_224"])
+def test_cnn_and_vit_backbones_lower_the_loss_on_a_tiny_fixed_batch(backbone):
+    images, targets = _fixed_batch()
+    model = PatchGDClassifier(
+        backbone, 3, 64, 32, latent_dim=32, head=HeadConfig(width=32, dropout=0.0),
+        loop=InnerLoopConfig(patches_per_step=2),
+    ).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = [model.training_step(images, targets, opt).loss for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# timm zero-initialises the last BatchNorm of each residual block, which starves the convs
+# before it of gradient on the first step; turned off so every parameter must move.
+RESNET = {"zero_init_last": False}
+MODELS = {
+    "patchgd": lambda: PatchGDClassifier("test_resnet", 5, 64, 32, latent_dim=16,
+                                         head=HeadConfig(width=16), backbone_kwargs=RESNET),
+    "gd": lambda: GDClassifier("test_resnet", 5, 64, backbone_kwargs=RESNET),
+    "gd_extended": lambda: GDExtendedClassifier("test_resnet", 5, 64, latent_dim=16,
+                                                head=HeadConfig(width=16), backbone_kwargs=RESNET),
+    "gd_downscaled": lambda: DownscaledGDClassifier("test_resnet", 5, 64, input_size=32,
+                                                    backbone_kwargs=RESNET),
+    "gd_extended_vit": lambda: GDExtendedClassifier("test_vit", 5, 64, latent_dim=16,
+                                                    head=HeadConfig(width=16)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_method_gives_the_same_output_shape_and_trains_a_step(name):
+    model = MODELS[name]().train()
+    images, targets = torch.randn(3, 3, 64, 64), torch.tensor([0, 4, 2])
+    before = [p.detach().clone() for p in model.parameters()]
+    result = model.training_step(images, targets, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert result.logits.shape == (3, 5) and result.optimizer_steps >= 1
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) == len(changed), "some parameter received no update"
+    probs = model.predict_proba(images)
+    assert probs.shape == (3, 5) and model.training
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_inference_is_the_head_on_a_filled_z_in_eval_mode():
+    model = MODELS["patchgd"]().eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.head(model.fill_z(images))
+    torch.testing.assert_close(model(images), expected)
+
+
+def test_downscaled_gd_sees_the_resized_image():
+    model = DownscaledGDClassifier("test_resnet", 3, (100, 80), input_size=(40, 32)).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    model(torch.randn(2, 3, 100, 80))
+    assert seen == [(2, 3, 40, 32)]
+
+
+def test_sampler_state_travels_in_the_state_dict():
+    a, b = MODELS["patchgd"](), MODELS["patchgd"]()
+    a.sampler.plan(2, 4, 1, 4, 1.0)  # advance a's stream
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(torch.stack(a.sampler.plan(2, 4, 1, 4, 1.0)),
+                       torch.stack(b.sampler.plan(2, 4, 1, 4, 1.0)))
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=7)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8, pretrained=path)
+    loaded = encoder.backbone.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith("fc."):  # the classifier is replaced by the projection
+            assert torch.equal(loaded[name], value), name
+
+
+def test_bf16_autocast_training_step_on_cpu():
+    model = MODELS["patchgd"]().train()
+    hooks = StepHooks(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    result = model.training_step(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]),
+                                 torch.optim.Adam(model.parameters()), hooks=hooks)
+    assert result.logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_separate_learning_rates_for_encoder_and_head():
+    model = MODELS["patchgd"]()
+    opt = torch.optim.Adam(model.param_groups(encoder_lr=1e-4, head_lr=1e-3))
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))

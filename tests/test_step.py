@@ -1,0 +1,182 @@
+"""Algorithm 1: gradients against the full-image reference, sampling, and the step schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchgd import (
+    HeadConfig,
+    InnerLoopConfig,
+    PatchGDClassifier,
+    PatchGrid,
+    RandomPatchSampler,
+    StepHooks,
+    accumulation_groups,
+    train_step,
+)
+from patchgd.head import LatentHead
+from reference import TinyEncoder, reference_z
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _max_rel_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    assert got.keys() == expected.keys()
+    return max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
+               for n in expected)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "image", "patch", "stride", "k"),
+    [
+        ("test_efficientnet_gn", 96, 32, 32, 1),   # CNN, 3×3 grid, one patch per iteration
+        ("test_efficientnet_gn", 80, 32, 24, 4),   # CNN, overlap + padding, ζ = ceil(9 / 4) = 3
+        ("test_vit", 64, 32, 32, 3),              # ViT, 2×2 grid, uneven last iteration
+    ],
+)
+def test_accumulated_gradients_equal_the_full_image_gradient(backbone, image, patch, stride, k):
+    """ε = ζ, full coverage, no BatchNorm/dropout in the encoder: head gradient exact,
+    encoder gradient = full-image gradient / ε (the paper's scaling)."""
+    torch.manual_seed(1)
+    model = PatchGDClassifier(
+        backbone, 5, image, patch, stride=stride, latent_dim=8, pad_value=0.3,
+        head=HeadConfig(width=16, dropout=0.0, norm="batch"),
+        loop=InnerLoopConfig(patches_per_step=k, max_visit_fraction=1.0),
+    ).double().train()
+    images = torch.randn(3, 3, image, image, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 4])
+    eps = model.loop.accumulation
+    assert eps == model.loop.inner_steps == math.ceil(model.grid.num_patches / k) > 1
+
+    # The slow, obvious reference: every patch encoded with gradients, head on the full Z.
+    model.zero_grad()
+    F.cross_entropy(model.head(reference_z(model.encoder, images, model.grid)), targets).backward()
+    expected_head, expected_encoder = _grads(model.head), _grads(model.encoder)
+
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    hooks = StepHooks(optimizer_step=lambda: captured.update(
+        head=_grads(model.head), encoder=_grads(model.encoder)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = model.training_step(images, targets, opt, hooks=hooks)
+
+    assert result.optimizer_steps == 1
+    visited = torch.cat([p.flatten() for p in result.plan])
+    assert sorted(visited.tolist()) == sorted(list(range(model.grid.num_patches)) * 3)
+    assert _max_rel_error(captured["head"], expected_head) < 1e-5
+    scaled = {n: g * eps for n, g in captured["encoder"].items()}
+    assert _max_rel_error(scaled, expected_encoder) < 1e-5
+    # Unscaled, the encoder gradient is off by exactly the factor 1/ε.
+    assert _max_rel_error(captured["encoder"], expected_encoder) == pytest.approx(1 - 1 / eps)
+
+
+def test_patches_not_sampled_in_an_iteration_get_no_gradient_from_it():
+    grid = PatchGrid((64, 96), 16)  # 4 × 6 grid, no overlap
+    encoder, head = TinyEncoder(latent_dim=8), LatentHead(8, 4, grid.shape, width=8, dropout=0.0)
+    images = torch.randn(2, 3, 64, 96, requires_grad=True)
+    per_iteration: list[torch.Tensor] = []
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+        per_iteration.append(images.grad.detach().clone())
+        images.grad = None
+
+    result = train_step(
+        encoder, head, grid, images, torch.tensor([1, 2]), torch.optim.SGD(
+            [*encoder.parameters(), *head.parameters()], lr=0.01),
+        InnerLoopConfig(patches_per_step=5, accumulation=2), RandomPatchSampler(3),
+        hooks=StepHooks(backward=backward),
+    )
+    assert len(per_iteration) == len(result.plan) == 5
+    for grad, positions in zip(per_iteration, result.plan, strict=True):
+        for b in range(2):
+            sampled = set(positions[b].tolist()) - {-1}
+            for flat in range(grid.num_patches):
+                top, left, bottom, right = grid.box(*grid.position(flat))
+                block = grad[b, :, top:bottom, left:right].abs().sum().item()
+                if flat in sampled:
+                    assert block > 0, f"sampled patch {flat} of image {b} got no gradient"
+                else:
+                    assert block == 0, f"patch {flat} of image {b} was not sampled but got gradient"
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("cap", [0.3, 1.0])
+def test_optimizer_steps_per_outer_step_are_ceil_zeta_over_epsilon(inner_steps, fraction, cap):
+    grid = PatchGrid(40, 8)  # 5 × 5 = 25 patches
+    encoder, head = TinyEncoder(latent_dim=4), LatentHead(4, 3, grid.shape, width=4, norm="none")
+    opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.01)
+    images, targets = torch.randn(2, 3, 40, 40), torch.tensor([0, 2])
+    for eps in range(1, inner_steps + 1):
+        calls = []
+        loop = InnerLoopConfig(sampling_fraction=fraction, max_visit_fraction=cap,
+                               inner_steps=inner_steps, accumulation=eps)
+        hooks = StepHooks(optimizer_step=lambda: calls.append(1))
+        result = train_step(encoder, head, grid, images, targets, opt, loop,
+                            RandomPatchSampler(0), hooks=hooks)
+        assert len(calls) == result.optimizer_steps == math.ceil(inner_steps / eps) >= 1
+        assert len(result.losses) == inner_steps
+        assert loop.resolve(grid.num_patches).optimizer_steps == len(calls)
+
+
+def test_accumulation_groups_cover_every_inner_iteration_once():
+    for zeta in range(1, 12):
+        for eps in range(1, zeta + 1):
+            groups = accumulation_groups(zeta, eps)
+            assert [j for g in groups for j in g] == list(range(zeta))
+            assert all(len(g) == eps for g in groups[:-1]) and 1 <= len(groups[-1]) <= eps
+
+
+def test_each_step_averages_its_group_including_the_remainder():
+    """ζ = 3, ε = 2: groups of 2 and 1; each group's gradient is the mean of its iterations."""
+    grid = PatchGrid(32, 16)
+    encoder, head = TinyEncoder(latent_dim=4).double(), LatentHead(
+        4, 3, grid.shape, width=4, norm="none", dropout=0.0).double()
+    scales: list[float] = []
+
+    def backward(loss: torch.Tensor) -> None:
+        scales.append(loss.item())
+        loss.backward()
+
+    losses = train_step(
+        encoder, head, grid, torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.0),
+        InnerLoopConfig(patches_per_step=1, inner_steps=3, accumulation=2), RandomPatchSampler(0),
+        hooks=StepHooks(backward=backward),
+    ).losses
+    assert scales == pytest.approx([losses[0] / 2, losses[1] / 2, losses[2] / 1])
+
+
+def test_z_carries_the_newest_embedding_of_each_patch_into_later_iterations():
+    """ε = 1: weights change every iteration, so Z must hold, per position, the embedding from
+    the last iteration that re-encoded it (and the fill's value where none did)."""
+    grid = PatchGrid(48, 16)  # 3 × 3
+    encoder = TinyEncoder(latent_dim=4).double()
+    head = LatentHead(4, 3, grid.shape, width=16, norm="none", dropout=0.0).double()
+    calls: list[torch.Tensor] = []
+    encoder.register_forward_hook(lambda m, args, out: calls.append(out.detach().clone()))
+    seen_z: list[torch.Tensor] = []
+    head.register_forward_pre_hook(lambda m, args: seen_z.append(args[0].detach().clone()))
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    result = train_step(
+        encoder, head, grid, images, torch.tensor([0, 2]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.5),
+        InnerLoopConfig(patches_per_step=2, inner_steps=5, accumulation=1), RandomPatchSampler(1),
+        fill_chunk=1000,
+    )
+    fill, per_iteration = calls[0], calls[1:]
+    filled = fill.view(2, 3, 3, 4).permute(0, 3, 1, 2)  # (B, D, rows, cols)
+    expected = filled.clone()
+    for j, (positions, emb, z) in enumerate(zip(result.plan, per_iteration, seen_z, strict=True)):
+        image_idx, slot = (positions >= 0).nonzero(as_tuple=True)
+        pos = positions[image_idx, slot]
+        expected[image_idx, :, pos // 3, pos % 3] = emb
+        torch.testing.assert_close(z, expected, rtol=0, atol=0, msg=f"inner iteration {j}")
+        if j > 0:  # the weights have moved: a stale fill value would be a different number
+            assert not torch.allclose(emb, filled[image_idx, :, pos // 3, pos % 3])
