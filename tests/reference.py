@@ -43,6 +43,9 @@ def reference_z(encoder: nn.Module, images: Tensor, grid: PatchGrid) -> Tensor:
     """Z from one encoder call per grid position, with gradients: the full-image model's Z."""
     cols = []
     for r in range(grid.rows):
-        cols.append(torch.stack([encoder(reference_patch(images, grid, r, c))
-                                 for c in range(grid.cols)], dim=-1))
+        cols.append(
+            torch.stack(
+                [encoder(reference_patch(images, grid, r, c)) for c in range(grid.cols)], dim=-1
+            )
+        )
     return torch.stack(cols, dim=-2)  # (B, D, rows, cols)

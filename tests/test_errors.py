@@ -19,15 +19,20 @@ from patchgd import (
 @pytest.mark.parametrize(
     ("loop", "message"),
     [
-        (InnerLoopConfig(patches_per_step=17), r"patches_per_step \(k=17\) must be between 1 and "
-                                               r"the grid's 16 patches"),
+        (
+            InnerLoopConfig(patches_per_step=17),
+            r"patches_per_step \(k=17\) must be between 1 and "
+            r"the grid's 16 patches",
+        ),
         (InnerLoopConfig(patches_per_step=0), r"patches_per_step \(k=0\)"),
         (InnerLoopConfig(sampling_fraction=1.5), r"sampling_fraction must be in \(0, 1\], got 1.5"),
         (InnerLoopConfig(sampling_fraction=None), "give patches_per_step or sampling_fraction"),
         (InnerLoopConfig(max_visit_fraction=0.0), r"max_visit_fraction must be in \(0, 1\], got 0"),
         (InnerLoopConfig(accumulation=0), r"accumulation \(ε=0\) must be at least 1"),
-        (InnerLoopConfig(inner_steps=2, accumulation=3),
-         r"accumulation \(ε=3\) is larger than inner_steps \(ζ=2\)"),
+        (
+            InnerLoopConfig(inner_steps=2, accumulation=3),
+            r"accumulation \(ε=3\) is larger than inner_steps \(ζ=2\)",
+        ),
         (InnerLoopConfig(inner_steps=0), r"inner_steps \(ζ=0\) must be at least 1"),
     ],
 )
@@ -88,31 +93,46 @@ def test_bad_head_options(kwargs, message):
 
 
 def test_batchnorm_head_with_one_image_says_what_to_change():
-    model = PatchGDClassifier("test_efficientnet_gn", 3, 64, 32, latent_dim=8,
-                              head=HeadConfig(width=8))
+    model = PatchGDClassifier(
+        "test_efficientnet_gn", 3, 64, 32, latent_dim=8, head=HeadConfig(width=8)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="head norm='batch' cannot train on a batch of 1 image"):
         model.training_step(torch.randn(1, 3, 64, 64), torch.tensor([0]), opt)
-    group = PatchGDClassifier("test_efficientnet_gn", 3, 64, 32, latent_dim=8,
-                              head=HeadConfig(width=8, norm="group"))
-    group.training_step(torch.randn(1, 3, 64, 64), torch.tensor([0]),
-                        torch.optim.SGD(group.parameters(), lr=0.1))
+    group = PatchGDClassifier(
+        "test_efficientnet_gn", 3, 64, 32, latent_dim=8, head=HeadConfig(width=8, norm="group")
+    )
+    group.training_step(
+        torch.randn(1, 3, 64, 64), torch.tensor([0]), torch.optim.SGD(group.parameters(), lr=0.1)
+    )
 
 
 def test_batchnorm_encoder_with_one_patch_per_step_says_what_to_change():
-    model = PatchGDClassifier("test_resnet", 3, 64, 32, latent_dim=8,
-                              head=HeadConfig(width=8, norm="group"),
-                              loop=InnerLoopConfig(patches_per_step=1))
+    model = PatchGDClassifier(
+        "test_resnet",
+        3,
+        64,
+        32,
+        latent_dim=8,
+        head=HeadConfig(width=8, norm="group"),
+        loop=InnerLoopConfig(patches_per_step=1),
+    )
     with pytest.raises(ConfigError, match="cannot train on 1 patch"):
-        model.training_step(torch.randn(1, 3, 64, 64), torch.tensor([0]),
-                            torch.optim.SGD(model.parameters(), lr=0.1))
+        model.training_step(
+            torch.randn(1, 3, 64, 64),
+            torch.tensor([0]),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+        )
 
 
 def test_mismatched_targets_and_bad_fill_norm():
     model = PatchGDClassifier("test_resnet", 3, 64, 32, latent_dim=8, head=HeadConfig(width=8))
     with pytest.raises(ConfigError, match="got 2 images but 3 targets"):
-        model.training_step(torch.randn(2, 3, 64, 64), torch.tensor([0, 1, 2]),
-                            torch.optim.SGD(model.parameters(), lr=0.1))
+        model.training_step(
+            torch.randn(2, 3, 64, 64),
+            torch.tensor([0, 1, 2]),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+        )
     with pytest.raises(ConfigError, match="fill_norm must be 'batch' or 'running', got 'eval'"):
         PatchGDClassifier("test_resnet", 3, 64, 32, fill_norm="eval")  # type: ignore[arg-type]
 

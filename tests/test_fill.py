@@ -55,7 +55,9 @@ def test_batchnorm_encoder_in_eval_mode_fills_like_a_per_patch_eval_forward():
 
 
 def _bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "batches" in k}
+    return {
+        k: v.clone() for k, v in module.state_dict().items() if "running" in k or "batches" in k
+    }
 
 
 @pytest.mark.parametrize("norm", ["batch", "running"])

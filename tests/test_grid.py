@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import reference_padded, reference_patch
 from patchgd import ConfigError, PatchGrid
+from reference import reference_padded, reference_patch
 
 SHAPES = [  # (H, W, patch, stride)
-    (64, 64, 32, 32),   # exact tiling
-    (70, 50, 16, 16),   # padding on both sides
-    (64, 96, 32, 16),   # 50 % overlap, exact
-    (65, 33, 32, 20),   # overlap and padding
-    (31, 31, 31, 7),    # one patch, stride irrelevant
-    (40, 17, 5, 3),     # many small patches
+    (64, 64, 32, 32),  # exact tiling
+    (70, 50, 16, 16),  # padding on both sides
+    (64, 96, 32, 16),  # 50 % overlap, exact
+    (65, 33, 32, 20),  # overlap and padding
+    (31, 31, 31, 7),  # one patch, stride irrelevant
+    (40, 17, 5, 3),  # many small patches
 ]
 
 

@@ -12,8 +12,8 @@ from patchgd import (
     GDExtendedClassifier,
     HeadConfig,
     InnerLoopConfig,
-    PatchGDClassifier,
     PatchEncoder,
+    PatchGDClassifier,
     StepHooks,
 )
 
@@ -27,7 +27,12 @@ def _fixed_batch(size: int = 64, batch: int = 4, classes: int = 3):
 def test_cnn_and_vit_backbones_lower_the_loss_on_a_tiny_fixed_batch(backbone):
     images, targets = _fixed_batch()
     model = PatchGDClassifier(
-        backbone, 3, 64, 32, latent_dim=32, head=HeadConfig(width=32, dropout=0.0),
+        backbone,
+        3,
+        64,
+        32,
+        latent_dim=32,
+        head=HeadConfig(width=32, dropout=0.0),
         loop=InnerLoopConfig(patches_per_step=2),
     ).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -40,15 +45,19 @@ def test_cnn_and_vit_backbones_lower_the_loss_on_a_tiny_fixed_batch(backbone):
 # before it of gradient on the first step; turned off so every parameter must move.
 RESNET = {"zero_init_last": False}
 MODELS = {
-    "patchgd": lambda: PatchGDClassifier("test_resnet", 5, 64, 32, latent_dim=16,
-                                         head=HeadConfig(width=16), backbone_kwargs=RESNET),
+    "patchgd": lambda: PatchGDClassifier(
+        "test_resnet", 5, 64, 32, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET
+    ),
     "gd": lambda: GDClassifier("test_resnet", 5, 64, backbone_kwargs=RESNET),
-    "gd_extended": lambda: GDExtendedClassifier("test_resnet", 5, 64, latent_dim=16,
-                                                head=HeadConfig(width=16), backbone_kwargs=RESNET),
-    "gd_downscaled": lambda: DownscaledGDClassifier("test_resnet", 5, 64, input_size=32,
-                                                    backbone_kwargs=RESNET),
-    "gd_extended_vit": lambda: GDExtendedClassifier("test_vit", 5, 64, latent_dim=16,
-                                                    head=HeadConfig(width=16)),
+    "gd_extended": lambda: GDExtendedClassifier(
+        "test_resnet", 5, 64, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET
+    ),
+    "gd_downscaled": lambda: DownscaledGDClassifier(
+        "test_resnet", 5, 64, input_size=32, backbone_kwargs=RESNET
+    ),
+    "gd_extended_vit": lambda: GDExtendedClassifier(
+        "test_vit", 5, 64, latent_dim=16, head=HeadConfig(width=16)
+    ),
 }
 
 
@@ -87,8 +96,9 @@ def test_sampler_state_travels_in_the_state_dict():
     a, b = MODELS["patchgd"](), MODELS["patchgd"]()
     a.sampler.plan(2, 4, 1, 4, 1.0)  # advance a's stream
     b.load_state_dict(a.state_dict())
-    assert torch.equal(torch.stack(a.sampler.plan(2, 4, 1, 4, 1.0)),
-                       torch.stack(b.sampler.plan(2, 4, 1, 4, 1.0)))
+    assert torch.equal(
+        torch.stack(a.sampler.plan(2, 4, 1, 4, 1.0)), torch.stack(b.sampler.plan(2, 4, 1, 4, 1.0))
+    )
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path):
@@ -105,8 +115,12 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 def test_bf16_autocast_training_step_on_cpu():
     model = MODELS["patchgd"]().train()
     hooks = StepHooks(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    result = model.training_step(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]),
-                                 torch.optim.Adam(model.parameters()), hooks=hooks)
+    result = model.training_step(
+        torch.randn(2, 3, 64, 64),
+        torch.tensor([1, 2]),
+        torch.optim.Adam(model.parameters()),
+        hooks=hooks,
+    )
     assert result.logits.dtype == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(result.losses)))
 

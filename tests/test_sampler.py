@@ -10,12 +10,21 @@ import torch
 from patchgd import InnerLoopConfig, RandomPatchSampler
 
 
-def _plan(n: int, fraction: float, cap: float, batch: int = 4, inner_steps: int | None = None,
-          seed: int = 0, candidates: torch.Tensor | None = None):
-    loop = InnerLoopConfig(sampling_fraction=fraction, max_visit_fraction=cap,
-                           inner_steps=inner_steps).resolve(n)
-    plan = RandomPatchSampler(seed).plan(batch, n, loop.patches_per_step, loop.inner_steps,
-                                         loop.max_visit_fraction, candidates)
+def _plan(
+    n: int,
+    fraction: float,
+    cap: float,
+    batch: int = 4,
+    inner_steps: int | None = None,
+    seed: int = 0,
+    candidates: torch.Tensor | None = None,
+):
+    loop = InnerLoopConfig(
+        sampling_fraction=fraction, max_visit_fraction=cap, inner_steps=inner_steps
+    ).resolve(n)
+    plan = RandomPatchSampler(seed).plan(
+        batch, n, loop.patches_per_step, loop.inner_steps, loop.max_visit_fraction, candidates
+    )
     return loop, plan
 
 
@@ -30,7 +39,9 @@ def test_full_cap_visits_every_patch_exactly_once_per_image(n, fraction):
     assert all(step.shape[1] <= loop.patches_per_step for step in plan)
 
 
-@pytest.mark.parametrize(("n", "fraction", "cap"), [(25, 0.1, 0.5), (196, 0.1, 0.3), (10, 0.2, 0.7)])
+@pytest.mark.parametrize(
+    ("n", "fraction", "cap"), [(25, 0.1, 0.5), (196, 0.1, 0.3), (10, 0.2, 0.7)]
+)
 def test_cap_limits_distinct_patches_and_images_draw_independently(n, fraction, cap):
     loop, plan = _plan(n, fraction, cap, batch=6)
     budget = math.ceil(cap * n)
@@ -58,7 +69,7 @@ def test_candidate_mask_restricts_positions_and_pads_short_images():
     n = 16
     candidates = torch.zeros(3, n, dtype=torch.bool)
     candidates[0, :] = True
-    candidates[1, [1, 5, 9]] = True   # only three tissue patches
+    candidates[1, [1, 5, 9]] = True  # only three tissue patches
     # image 2 has none: it is never visited
     loop, plan = _plan(n, 0.25, 1.0, batch=3, candidates=candidates)
     for b in range(3):
@@ -68,13 +79,16 @@ def test_candidate_mask_restricts_positions_and_pads_short_images():
 
 def test_same_seed_same_plan_and_state_dict_resumes_the_stream():
     a, b = RandomPatchSampler(7), RandomPatchSampler(7)
-    assert all(torch.equal(x, y) for x, y in zip(a.plan(2, 30, 4, 8, 1.0), b.plan(2, 30, 4, 8, 1.0),
-                                                 strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.plan(2, 30, 4, 8, 1.0), b.plan(2, 30, 4, 8, 1.0), strict=True)
+    )
     state = a.state_dict()
     continued = a.plan(2, 30, 4, 8, 1.0)
     resumed = RandomPatchSampler(123)
     resumed.load_state_dict(state)
-    assert all(torch.equal(x, y) for x, y in zip(continued, resumed.plan(2, 30, 4, 8, 1.0),
-                                                 strict=True))
+    assert all(
+        torch.equal(x, y) for x, y in zip(continued, resumed.plan(2, 30, 4, 8, 1.0), strict=True)
+    )
     different = RandomPatchSampler(8).plan(2, 30, 4, 8, 1.0)
     assert not all(torch.equal(x, y) for x, y in zip(continued, different, strict=True))

@@ -28,27 +28,39 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _max_rel_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
     assert got.keys() == expected.keys()
-    return max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
-               for n in expected)
+    return max(
+        ((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
+        for n in expected
+    )
 
 
 @pytest.mark.parametrize(
     ("backbone", "image", "patch", "stride", "k"),
     [
-        ("test_efficientnet_gn", 96, 32, 32, 1),   # CNN, 3×3 grid, one patch per iteration
-        ("test_efficientnet_gn", 80, 32, 24, 4),   # CNN, overlap + padding, ζ = ceil(9 / 4) = 3
-        ("test_vit", 64, 32, 32, 3),              # ViT, 2×2 grid, uneven last iteration
+        ("test_efficientnet_gn", 96, 32, 32, 1),  # CNN, 3×3 grid, one patch per iteration
+        ("test_efficientnet_gn", 80, 32, 24, 4),  # CNN, overlap + padding, ζ = ceil(9 / 4) = 3
+        ("test_vit", 64, 32, 32, 3),  # ViT, 2×2 grid, uneven last iteration
     ],
 )
 def test_accumulated_gradients_equal_the_full_image_gradient(backbone, image, patch, stride, k):
     """ε = ζ, full coverage, no BatchNorm/dropout in the encoder: head gradient exact,
     encoder gradient = full-image gradient / ε (the paper's scaling)."""
     torch.manual_seed(1)
-    model = PatchGDClassifier(
-        backbone, 5, image, patch, stride=stride, latent_dim=8, pad_value=0.3,
-        head=HeadConfig(width=16, dropout=0.0, norm="batch"),
-        loop=InnerLoopConfig(patches_per_step=k, max_visit_fraction=1.0),
-    ).double().train()
+    model = (
+        PatchGDClassifier(
+            backbone,
+            5,
+            image,
+            patch,
+            stride=stride,
+            latent_dim=8,
+            pad_value=0.3,
+            head=HeadConfig(width=16, dropout=0.0, norm="batch"),
+            loop=InnerLoopConfig(patches_per_step=k, max_visit_fraction=1.0),
+        )
+        .double()
+        .train()
+    )
     images = torch.randn(3, 3, image, image, dtype=torch.float64)
     targets = torch.tensor([0, 3, 4])
     eps = model.loop.accumulation
@@ -60,8 +72,11 @@ def test_accumulated_gradients_equal_the_full_image_gradient(backbone, image, pa
     expected_head, expected_encoder = _grads(model.head), _grads(model.encoder)
 
     captured: dict[str, dict[str, torch.Tensor]] = {}
-    hooks = StepHooks(optimizer_step=lambda: captured.update(
-        head=_grads(model.head), encoder=_grads(model.encoder)))
+    hooks = StepHooks(
+        optimizer_step=lambda: captured.update(
+            head=_grads(model.head), encoder=_grads(model.encoder)
+        )
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     result = model.training_step(images, targets, opt, hooks=hooks)
 
@@ -87,9 +102,14 @@ def test_patches_not_sampled_in_an_iteration_get_no_gradient_from_it():
         images.grad = None
 
     result = train_step(
-        encoder, head, grid, images, torch.tensor([1, 2]), torch.optim.SGD(
-            [*encoder.parameters(), *head.parameters()], lr=0.01),
-        InnerLoopConfig(patches_per_step=5, accumulation=2), RandomPatchSampler(3),
+        encoder,
+        head,
+        grid,
+        images,
+        torch.tensor([1, 2]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.01),
+        InnerLoopConfig(patches_per_step=5, accumulation=2),
+        RandomPatchSampler(3),
         hooks=StepHooks(backward=backward),
     )
     assert len(per_iteration) == len(result.plan) == 5
@@ -114,12 +134,17 @@ def test_optimizer_steps_per_outer_step_are_ceil_zeta_over_epsilon(inner_steps, 
     opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.01)
     images, targets = torch.randn(2, 3, 40, 40), torch.tensor([0, 2])
     for eps in range(1, inner_steps + 1):
-        calls = []
-        loop = InnerLoopConfig(sampling_fraction=fraction, max_visit_fraction=cap,
-                               inner_steps=inner_steps, accumulation=eps)
-        hooks = StepHooks(optimizer_step=lambda: calls.append(1))
-        result = train_step(encoder, head, grid, images, targets, opt, loop,
-                            RandomPatchSampler(0), hooks=hooks)
+        calls: list[int] = []
+        loop = InnerLoopConfig(
+            sampling_fraction=fraction,
+            max_visit_fraction=cap,
+            inner_steps=inner_steps,
+            accumulation=eps,
+        )
+        hooks = StepHooks(optimizer_step=lambda calls=calls: calls.append(1))
+        result = train_step(
+            encoder, head, grid, images, targets, opt, loop, RandomPatchSampler(0), hooks=hooks
+        )
         assert len(calls) == result.optimizer_steps == math.ceil(inner_steps / eps) >= 1
         assert len(result.losses) == inner_steps
         assert loop.resolve(grid.num_patches).optimizer_steps == len(calls)
@@ -136,8 +161,10 @@ def test_accumulation_groups_cover_every_inner_iteration_once():
 def test_each_step_averages_its_group_including_the_remainder():
     """ζ = 3, ε = 2: groups of 2 and 1; each group's gradient is the mean of its iterations."""
     grid = PatchGrid(32, 16)
-    encoder, head = TinyEncoder(latent_dim=4).double(), LatentHead(
-        4, 3, grid.shape, width=4, norm="none", dropout=0.0).double()
+    encoder, head = (
+        TinyEncoder(latent_dim=4).double(),
+        LatentHead(4, 3, grid.shape, width=4, norm="none", dropout=0.0).double(),
+    )
     scales: list[float] = []
 
     def backward(loss: torch.Tensor) -> None:
@@ -145,9 +172,14 @@ def test_each_step_averages_its_group_including_the_remainder():
         loss.backward()
 
     losses = train_step(
-        encoder, head, grid, torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1]),
+        encoder,
+        head,
+        grid,
+        torch.randn(2, 3, 32, 32, dtype=torch.float64),
+        torch.tensor([0, 1]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.0),
-        InnerLoopConfig(patches_per_step=1, inner_steps=3, accumulation=2), RandomPatchSampler(0),
+        InnerLoopConfig(patches_per_step=1, inner_steps=3, accumulation=2),
+        RandomPatchSampler(0),
         hooks=StepHooks(backward=backward),
     ).losses
     assert scales == pytest.approx([losses[0] / 2, losses[1] / 2, losses[2] / 1])
@@ -165,9 +197,14 @@ def test_z_carries_the_newest_embedding_of_each_patch_into_later_iterations():
     head.register_forward_pre_hook(lambda m, args: seen_z.append(args[0].detach().clone()))
     images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     result = train_step(
-        encoder, head, grid, images, torch.tensor([0, 2]),
+        encoder,
+        head,
+        grid,
+        images,
+        torch.tensor([0, 2]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.5),
-        InnerLoopConfig(patches_per_step=2, inner_steps=5, accumulation=1), RandomPatchSampler(1),
+        InnerLoopConfig(patches_per_step=2, inner_steps=5, accumulation=1),
+        RandomPatchSampler(1),
         fill_chunk=1000,
     )
     fill, per_iteration = calls[0], calls[1:]

@@ -71,7 +71,7 @@ def test_boxes_disjoint_inside_canvas_and_ink_only_inside_boxes(config, source):
         check_record(sample, config, source)
         outside = np.ones(sample.image.shape, dtype=bool)
         for p in sample.digits:
-            outside[p.y:p.y + p.size, p.x:p.x + p.size] = False
+            outside[p.y : p.y + p.size, p.x : p.x + p.size] = False
         assert not sample.image[outside].any()
         assert sample.image.any()
 
@@ -80,8 +80,12 @@ def test_digit_multisets_are_all_multisets_with_that_sum():
     assert digit_combinations(0, 3, 5) == ((0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0))
     assert digit_combinations(27, 3, 5)[0] == (9, 9, 9)
     for total in (0, 5, 9, 27):
-        brute = {tuple(sorted(c)) for k in (3, 4, 5)
-                 for c in itertools.product(range(10), repeat=k) if sum(c) == total}
+        brute = {
+            tuple(sorted(c))
+            for k in (3, 4, 5)
+            for c in itertools.product(range(10), repeat=k)
+            if sum(c) == total
+        }
         assert set(digit_combinations(total, 3, 5)) == brute
     assert not any(len(c) < 3 or len(c) > 5 for c in digit_combinations(12, 3, 5))
 
@@ -119,7 +123,7 @@ def test_noise_keeps_layout_and_is_binary(source):
         assert set(np.unique(n.image)) <= {0, 255}
         outside = np.ones(n.image.shape, dtype=bool)
         for p in n.digits:
-            outside[p.y:p.y + p.size, p.x:p.x + p.size] = False
+            outside[p.y : p.y + p.size, p.x : p.x + p.size] = False
         assert n.image[outside].any()  # the background is not black any more
 
 
@@ -202,8 +206,9 @@ def test_idx_reader_round_trip_and_truncated_file(tmp_path):
 
 def test_write_ultramnist_pngs_csv_and_records(tmp_path, source):
     out = tmp_path / "umnist"
-    csv_path = write_ultramnist(out, per_class={"train": 2, "val": 1}, config=PAPER, seed=4,
-                                source=source, progress=False)
+    csv_path = write_ultramnist(
+        out, per_class={"train": 2, "val": 1}, config=PAPER, seed=4, source=source, progress=False
+    )
     assert csv_path == out / "labels.csv"
     with csv_path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -223,7 +228,8 @@ def test_write_ultramnist_pngs_csv_and_records(tmp_path, source):
             rec = records[row["image_id"]]
             assert rec["label"] == sample.label and rec["split"] == split
             assert [tuple(d.values()) for d in rec["digits"]] == [
-                (p.digit, p.source_index, p.x, p.y, p.size, p.scale) for p in sample.digits]
+                (p.digit, p.source_index, p.x, p.y, p.size, p.scale) for p in sample.digits
+            ]
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
     assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "records.json", "train", "val"]
 
@@ -235,8 +241,9 @@ def test_getitem_tensor_channels_and_transform(source):
     expected = torch.from_numpy(ds.sample(3).image).float() / 255
     assert torch.equal(image[0], expected) and torch.equal(image[2], expected)
     assert image.min() >= 0.0 and image.max() <= 1.0
-    flipped = UltraMNIST("train", per_class=1, config=PAPER, source=source,
-                         transform=lambda t: t.flip(-1))
+    flipped = UltraMNIST(
+        "train", per_class=1, config=PAPER, source=source, transform=lambda t: t.flip(-1)
+    )
     assert torch.equal(flipped[3][0][0], expected.flip(-1))
     assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
     with pytest.raises(IndexError):
@@ -274,8 +281,12 @@ def test_bad_parameters_raise_config_error_naming_the_option(kwargs, option):
 
 
 def test_bad_dataset_arguments(source):
-    for kwargs, option in (({"split": "dev"}, "split"), ({"per_class": 0}, "per_class"),
-                           ({"channels": 2}, "channels"), ({"seed": -1}, "seed")):
+    for kwargs, option in (
+        ({"split": "dev"}, "split"),
+        ({"per_class": 0}, "per_class"),
+        ({"channels": 2}, "channels"),
+        ({"seed": -1}, "seed"),
+    ):
         with pytest.raises(ConfigError, match=option):
             UltraMNIST(source=source, config=PAPER, **kwargs)
     with pytest.raises(ConfigError, match="label"):

@@ -94,8 +94,14 @@ class UltraMNISTConfig:
 
         if self.variant not in _DEFAULTS:
             raise bad("variant", f"unknown variant, expected one of {sorted(_DEFAULTS)}")
-        for name in ("canvas_size", "min_digits", "max_digits", "min_digit_size",
-                     "max_attempts", "max_restarts"):
+        for name in (
+            "canvas_size",
+            "min_digits",
+            "max_digits",
+            "min_digit_size",
+            "max_attempts",
+            "max_restarts",
+        ):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if not isinstance(self.noise_background, bool):
@@ -133,8 +139,11 @@ class UltraMNISTConfig:
         if max(drawable) > self.canvas_size:
             raise bad("canvas_size", f"too small for the largest digit size {max(drawable)} px")
         if (self.canvas_size // min(drawable)) ** 2 < self.max_digits:
-            raise bad("canvas_size", f"cannot hold max_digits={self.max_digits} digits of "
-                      f"the smallest size {min(drawable)} px without overlap")
+            raise bad(
+                "canvas_size",
+                f"cannot hold max_digits={self.max_digits} digits of "
+                f"the smallest size {min(drawable)} px without overlap",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -191,6 +200,7 @@ class UltraMNISTSample:
 
 
 # ----------------------------------------------------------------------------- digit source
+
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed); a bad or truncated file raises DataError."""
@@ -302,8 +312,10 @@ class DigitSource:
             idx = np.random.default_rng(np.random.SeedSequence([seed, digit])).permutation(idx)
             counts = [int(len(idx) * f) for f in fractions]
             if min(counts) < 1:
-                raise DataError(f"{self.name}: {len(idx)} pictures of digit {digit} cannot fill "
-                                f"every split with split_fractions={tuple(fractions)}")
+                raise DataError(
+                    f"{self.name}: {len(idx)} pictures of digit {digit} cannot fill "
+                    f"every split with split_fractions={tuple(fractions)}"
+                )
             bounds = np.cumsum([0, *counts])
             for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
                 pools[s].append(np.sort(idx[lo:hi]))
@@ -311,6 +323,7 @@ class DigitSource:
 
 
 # ------------------------------------------------------------------------------- generation
+
 
 @functools.lru_cache(maxsize=64)
 def digit_combinations(total: int, min_digits: int, max_digits: int) -> tuple[tuple[int, ...], ...]:
@@ -346,9 +359,13 @@ def _noise_background(size: int, rng: np.random.Generator) -> np.ndarray:
     fwd = 2.0 * rng.uniform(0.8, 1.2) * rot @ np.array([[1.0, np.tan(shear)], [0.0, 1.0]])
     inv, centre = np.linalg.inv(fwd), np.array([size / 2, size / 2])
     off = centre - inv @ centre  # PIL maps output -> input pixel coordinates
-    img = img.transform((size, size), Image.Transform.AFFINE,
-                        (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
-                        resample=Image.Resampling.NEAREST, fillcolor=0)
+    img = img.transform(
+        (size, size),
+        Image.Transform.AFFINE,
+        (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
+        resample=Image.Resampling.NEAREST,
+        fillcolor=0,
+    )
     shapes = Image.new("L", (size, size), 0)
     draw, k = ImageDraw.Draw(shapes), size / 4000
     for _ in range(int(rng.integers(0, 5))):
@@ -394,8 +411,10 @@ def generate_sample(
                 factor, s = sample_scale(config, rng)
                 x, y = (int(v) for v in rng.integers(0, n - s + 1, 2))
                 # Half-open boxes: overlap iff both axis intervals intersect (touching is fine).
-                if all(x >= p.x + p.size or p.x >= x + s or y >= p.y + p.size or p.y >= y + s
-                       for p in placed):
+                if all(
+                    x >= p.x + p.size or p.x >= x + s or y >= p.y + p.size or p.y >= y + s
+                    for p in placed
+                ):
                     placed.append(PlacedDigit(int(d), src, x, y, s, factor))
                     break
             else:
@@ -405,17 +424,21 @@ def generate_sample(
             for p in placed:
                 pic = Image.fromarray(source.images[p.source_index])
                 # Boxes are disjoint, so plain assignment never overwrites another digit.
-                image[p.y:p.y + p.size, p.x:p.x + p.size] = np.asarray(
-                    pic.resize((p.size, p.size), _RESAMPLE[config.resample]))
+                image[p.y : p.y + p.size, p.x : p.x + p.size] = np.asarray(
+                    pic.resize((p.size, p.size), _RESAMPLE[config.resample])
+                )
             if config.noise_background:  # drawn last, so the digit layout does not change
                 digits_on = np.where(image > 127, 255, 0).astype(np.uint8)
                 image = _noise_background(n, rng) ^ digits_on
             return UltraMNISTSample(image, int(label), tuple(placed))
-    raise ConfigError(f"canvas_size={n}: could not place {config.max_digits} digits without "
-                      f"overlap after max_restarts={config.max_restarts} restarts")
+    raise ConfigError(
+        f"canvas_size={n}: could not place {config.max_digits} digits without "
+        f"overlap after max_restarts={config.max_restarts} restarts"
+    )
 
 
 # ---------------------------------------------------------------------------------- dataset
+
 
 class UltraMNIST(Dataset):
     """UltraMNIST generated on the fly, with no files on disk.
@@ -477,6 +500,7 @@ class UltraMNIST(Dataset):
 
 # ---------------------------------------------------------------------------------- writing
 
+
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through a temp file in the same folder, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -520,12 +544,20 @@ def write_ultramnist(
             width = max(6, len(str(len(ds) - 1)))
             for i in range(len(ds)):
                 sample, image_id = ds.sample(i), f"{ds.split}/{i:0{width}d}.png"
-                _atomic_write(out / image_id,
-                              lambda fh, a=sample.image: Image.fromarray(a, "L").save(fh, "PNG"))
+                _atomic_write(
+                    out / image_id,
+                    lambda fh, a=sample.image: Image.fromarray(a, "L").save(fh, "PNG"),
+                )
                 rows.append((image_id, sample.label, ds.split))
-                records.append({"image_id": image_id, "split": ds.split, "index": i,
-                                "label": sample.label,
-                                "digits": [asdict(p) for p in sample.digits]})
+                records.append(
+                    {
+                        "image_id": image_id,
+                        "split": ds.split,
+                        "index": i,
+                        "label": sample.label,
+                        "digits": [asdict(p) for p in sample.digits],
+                    }
+                )
                 bar.update(1)
     text = io.StringIO(newline="")
     writer = csv.writer(text, lineterminator="\n")
@@ -538,6 +570,15 @@ def write_ultramnist(
 
 
 __all__ = [
-    "SPLITS", "DigitSource", "PlacedDigit", "UltraMNIST", "UltraMNISTConfig", "UltraMNISTSample",
-    "digit_combinations", "generate_sample", "read_idx", "sample_scale", "write_ultramnist",
+    "SPLITS",
+    "DigitSource",
+    "PlacedDigit",
+    "UltraMNIST",
+    "UltraMNISTConfig",
+    "UltraMNISTSample",
+    "digit_combinations",
+    "generate_sample",
+    "read_idx",
+    "sample_scale",
+    "write_ultramnist",
 ]
