@@ -14,6 +14,7 @@ from patchgd import (
     PatchEncoder,
     PatchGDClassifier,
 )
+from patchgd.baselines import _feature_map
 
 
 @pytest.mark.parametrize(
@@ -138,5 +139,11 @@ def test_mismatched_targets_and_bad_fill_norm():
 
 
 def test_gd_extended_rejects_backbones_without_a_spatial_map():
+    class Pooled(torch.nn.Module):  # forward_features gives (B, C): no map to put a head on
+        def forward_features(self, x):
+            return x.mean(dim=(2, 3))
+
+    with pytest.raises(ConfigError, match=r"cannot read a spatial feature map from Pooled"):
+        _feature_map(Pooled(), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="num_classes must be at least 2"):
         GDExtendedClassifier("test_resnet", 1, 64)

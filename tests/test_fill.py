@@ -106,3 +106,28 @@ def test_fill_rejects_bad_settings():
         fill_z(TinyEncoder(), torch.zeros(1, 3, 64, 64), grid, chunk=0)
     with pytest.raises(ConfigError, match="fill_norm must be 'batch' or 'running', got 'train'"):
         fill_z(TinyEncoder(), torch.zeros(1, 3, 64, 64), grid, norm="train")  # type: ignore[arg-type]
+
+
+def test_frozen_batchnorm_keeps_running_statistics_in_a_batch_fill():
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8).double().train()
+    with torch.no_grad():  # calibrate running statistics away from their initial values
+        encoder(torch.randn(16, 3, 32, 32, dtype=torch.float64) * 3 + 1)
+    frozen = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in frozen:
+        bn.eval()  # the usual "freeze pretrained BatchNorm" pattern
+    grid = PatchGrid(64, 32)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    z = fill_z(encoder, images, grid, chunk=8, norm="batch")
+    with torch.no_grad():
+        expected = reference_z(encoder, images, grid)  # train mode, BatchNorm frozen
+    torch.testing.assert_close(z, expected)
+    assert all(not bn.training for bn in frozen)
+
+
+@pytest.mark.parametrize(
+    "backbone", ["mobilenetv3_small_050", "ghostnet_100", "convnext_atto", "regnetx_002"]
+)
+def test_encoder_projects_any_backbone_family_to_latent_dim(backbone):
+    encoder = PatchEncoder(backbone, 32, latent_dim=12).eval()
+    with torch.no_grad():
+        assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 12)

@@ -76,12 +76,23 @@ def test_every_method_gives_the_same_output_shape_and_trains_a_step(name):
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
 
 
-def test_inference_is_the_head_on_a_filled_z_in_eval_mode():
-    model = MODELS["patchgd"]().eval()
+def test_inference_is_the_head_on_a_filled_z_in_eval_mode_and_restores_modes():
+    model = MODELS["patchgd"]().train()
+    model.training_step(
+        torch.randn(4, 3, 64, 64), torch.arange(4), torch.optim.SGD(model.parameters(), lr=0.1)
+    )  # running statistics now differ from batch statistics
+    frozen = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
     images = torch.randn(2, 3, 64, 64)
+    logits_in_train_mode = model(images)
+    probs = model.predict_proba(images)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.eval()
     with torch.no_grad():
         expected = model.head(model.fill_z(images))
-    torch.testing.assert_close(model(images), expected)
+    torch.testing.assert_close(logits_in_train_mode, expected)
+    torch.testing.assert_close(probs, expected.softmax(dim=1))
 
 
 def test_downscaled_gd_sees_the_resized_image():

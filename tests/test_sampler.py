@@ -92,3 +92,9 @@ def test_same_seed_same_plan_and_state_dict_resumes_the_stream():
     )
     different = RandomPatchSampler(8).plan(2, 30, 4, 8, 1.0)
     assert not all(torch.equal(x, y) for x, y in zip(continued, different, strict=True))
+
+
+def test_walks_are_split_into_balanced_iterations():
+    loop, plan = _plan(9, 4 / 9, 1.0, batch=2)
+    assert loop.patches_per_step == 4 and loop.inner_steps == 3
+    assert [step.shape[1] for step in plan] == [3, 3, 3]

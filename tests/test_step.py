@@ -217,3 +217,85 @@ def test_z_carries_the_newest_embedding_of_each_patch_into_later_iterations():
         torch.testing.assert_close(z, expected, rtol=0, atol=0, msg=f"inner iteration {j}")
         if j > 0:  # the weights have moved: a stale fill value would be a different number
             assert not torch.allclose(emb, filled[image_idx, :, pos // 3, pos % 3])
+
+
+def test_default_inner_steps_follow_the_candidates_and_visit_each_once():
+    grid = PatchGrid(64, 16)  # 16 patches
+    encoder, head = TinyEncoder(latent_dim=4), LatentHead(4, 3, grid.shape, width=8, norm="none")
+    candidates = torch.zeros(3, 16, dtype=torch.bool)
+    candidates[0, [0, 1, 2, 3, 4]] = True
+    candidates[1, [7, 9]] = True  # image 2 has no candidate at all
+    steps = []
+    result = train_step(
+        encoder,
+        head,
+        grid,
+        torch.randn(3, 3, 64, 64),
+        torch.tensor([0, 1, 2]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+        InnerLoopConfig(patches_per_step=2),
+        RandomPatchSampler(0),
+        candidates=candidates,
+        hooks=StepHooks(optimizer_step=lambda: steps.append(1)),
+    )
+    assert len(result.plan) == 3 and len(steps) == 1  # ζ = ceil(5 / 2), ε = ζ
+    for b in range(3):
+        visited = [p for step in result.plan for p in step[b].tolist() if p >= 0]
+        assert sorted(visited) == candidates[b].nonzero().flatten().tolist()
+
+
+def test_running_statistics_count_exactly_the_inner_iterations():
+    """The fill must not touch BatchNorm statistics: only the ζ gradient passes count."""
+    model = PatchGDClassifier(
+        "test_resnet",
+        3,
+        64,
+        16,
+        latent_dim=8,
+        head=HeadConfig(width=8),
+        loop=InnerLoopConfig(patches_per_step=3),  # 16 patches -> ζ = 6
+    ).train()
+    bn = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for outer in range(1, 3):
+        model.training_step(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]), opt)
+        assert int(bn.num_batches_tracked) == 6 * outer
+
+
+class _BadSampler(RandomPatchSampler):
+    def __init__(self, mutate):
+        super().__init__(0)
+        self.mutate = mutate
+
+    def plan(self, *args, **kwargs):
+        return self.mutate(super().plan(*args, **kwargs))
+
+
+def _duplicate_first(plan):
+    plan[0][0, 1] = plan[0][0, 0]
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda plan: plan[:-1], "the sampler gave 3 inner iterations, expected 4"),
+        (lambda plan: [p[:1] for p in plan], r"plan\[0\] has shape \(1, 2\), expected \(2, k\)"),
+        (lambda plan: [p + 100 for p in plan], r"plan\[0\] holds positions outside \[-1, 8\)"),
+        (_duplicate_first, r"plan\[0\] visits a position twice in one image"),
+    ],
+)
+def test_a_custom_sampler_with_a_bad_plan_is_refused(mutate, message):
+    grid = PatchGrid((32, 64), 16)  # 8 patches, k = 2 -> ζ = 4
+    encoder, head = TinyEncoder(latent_dim=4), LatentHead(4, 3, grid.shape, width=8, norm="none")
+    with pytest.raises(ValueError, match=message):
+        train_step(
+            encoder,
+            head,
+            grid,
+            torch.randn(2, 3, 32, 64),
+            torch.tensor([0, 1]),
+            torch.optim.SGD(encoder.parameters(), lr=0.1),
+            InnerLoopConfig(patches_per_step=2),
+            _BadSampler(mutate),
+        )

@@ -59,8 +59,14 @@ class InnerLoopConfig:
     inner_steps: int | None = None
     accumulation: int | None = None
 
-    def resolve(self, num_patches: int) -> ResolvedLoop:
-        """Fill in the defaults for a grid of ``num_patches`` and check every value."""
+    def resolve(self, num_patches: int, num_candidates: int | None = None) -> ResolvedLoop:
+        """Fill in the defaults for a grid of ``num_patches`` and check every value.
+
+        ``num_candidates``, the most candidate positions any image of the batch has (e.g. its
+        tissue patches), sizes the default ζ so one walk visits them once; k stays relative to
+        the grid, so memory per inner iteration does not depend on the batch. A given ε larger
+        than such a shortened ζ is lowered to it.
+        """
         n = num_patches
         if self.patches_per_step is not None:
             k = self.patches_per_step
@@ -80,12 +86,15 @@ class InnerLoopConfig:
             raise ConfigError(f"max_visit_fraction must be in (0, 1], got {cap}")
         zeta = self.inner_steps
         if zeta is None:
-            zeta = math.ceil(visit_budget(n, cap) / k)
+            visits = visit_budget(n if num_candidates is None else num_candidates, cap)
+            zeta = max(1, math.ceil(visits / k))
         elif zeta < 1:
             raise ConfigError(f"inner_steps (ζ={zeta}) must be at least 1")
         eps = zeta if self.accumulation is None else self.accumulation
         if eps < 1:
             raise ConfigError(f"accumulation (ε={eps}) must be at least 1")
+        if num_candidates is not None and self.inner_steps is None:
+            eps = min(eps, zeta)
         if eps > zeta:
             raise ConfigError(f"accumulation (ε={eps}) is larger than inner_steps (ζ={zeta})")
         return ResolvedLoop(
@@ -122,6 +131,17 @@ def accumulation_groups(inner_steps: int, accumulation: int) -> list[range]:
 # Algorithm 2: filling Z
 # --------------------------------------------------------------------------------------------
 @contextmanager
+def keep_modes(module: nn.Module) -> Iterator[None]:
+    """Restore the train/eval mode of ``module`` and of each submodule on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
 def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
     """Put ``encoder`` in the state Z-filling needs, and restore it afterwards.
 
@@ -135,27 +155,30 @@ def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
     - ``"running"``: the running statistics (plain eval mode), for backbones whose BatchNorm is
       already calibrated (pretrained weights) or kept frozen.
 
-    An encoder in eval mode (validation, inference) is left alone: running statistics everywhere.
+    Only BatchNorm layers in training mode are switched to batch statistics: a layer the user
+    froze (put in eval mode) keeps its running statistics, in the fill as in the inner
+    iterations. An encoder in eval mode (validation, inference) uses running statistics
+    everywhere.
     """
     check_fill_norm(norm)
-    modes = [(m, m.training) for m in encoder.modules()]
-    batchnorms = [m for m in encoder.modules() if isinstance(m, _BatchNorm)]
-    tracking = [bn.track_running_stats for bn in batchnorms]
-    was_training = encoder.training
-    encoder.eval()
-    if was_training and norm == "batch":
-        for bn in batchnorms:
-            # In train mode without tracking, BatchNorm normalises with batch statistics and
-            # leaves running_mean, running_var and num_batches_tracked untouched.
-            bn.train()
-            bn.track_running_stats = False
-    try:
-        yield
-    finally:
-        for bn, track in zip(batchnorms, tracking, strict=True):
-            bn.track_running_stats = track
-        for m, mode in modes:
-            m.training = mode
+    training_bns = [  # non-tracking layers use batch statistics in train mode already
+        m
+        for m in encoder.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    with keep_modes(encoder):
+        encoder.eval()
+        if norm == "batch":
+            for bn in training_bns:
+                # In train mode without tracking, BatchNorm normalises with batch statistics
+                # and leaves running_mean, running_var and num_batches_tracked untouched.
+                bn.train()
+                bn.track_running_stats = False
+        try:
+            yield
+        finally:
+            for bn in training_bns:
+                bn.track_running_stats = True
 
 
 @torch.no_grad()
@@ -182,13 +205,19 @@ def fill_z(
     Returns:
         Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
     """
+    return _fill_from_view(encoder, grid.patch_view(grid.pad(images)), grid, chunk, norm)
+
+
+def _fill_from_view(
+    encoder: nn.Module, view: Tensor, grid: PatchGrid, chunk: int, norm: FillNorm
+) -> Tensor:
+    """:func:`fill_z` on a :meth:`PatchGrid.patch_view` of the padded batch."""
     if chunk < 1:
         raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
-    view = grid.patch_view(grid.pad(images))
-    b, n = images.shape[0], grid.num_patches
-    flat = torch.arange(b * n, device=images.device)
+    b, n = view.shape[0], grid.num_patches
+    flat = torch.arange(b * n, device=view.device)
     z_flat: Tensor | None = None
-    with fill_mode(encoder, norm):
+    with torch.no_grad(), fill_mode(encoder, norm):
         for part in torch.tensor_split(flat, math.ceil(b * n / chunk)):
             emb = encoder(grid.gather(view, part // n, part % n))
             if z_flat is None:
@@ -215,6 +244,11 @@ class StepHooks:
         grad_sync: ``grad_sync(sync)`` is the context around one inner iteration; ``sync`` is
             True only for the last iteration before an optimizer step, so a DDP wrapper can skip
             all-reducing gradients that are still accumulating (``no_sync``). Default: none.
+
+    With plain DDP, wrap the encoder and the head each in ``DistributedDataParallel`` and pass
+    the wrapped modules to :func:`train_step`: the step calls them directly, so a wrapper around
+    a parent module would never see the forward passes. ``grad_sync`` then enters both
+    wrappers' ``no_sync()`` when ``sync`` is False.
     """
 
     backward: Callable[[Tensor], None] = Tensor.backward
@@ -284,28 +318,26 @@ def train_step(
     """
     hooks = hooks or StepHooks()
     step = hooks.optimizer_step or plain_optimizer_step(optimizer)
-    resolved = loop if isinstance(loop, ResolvedLoop) else loop.resolve(grid.num_patches)
     batch = images.shape[0]
     if targets.shape[0] != batch:
         raise ConfigError(f"got {batch} images but {targets.shape[0]} targets")
+    if isinstance(loop, InnerLoopConfig):
+        most = None if candidates is None else int(candidates.sum(dim=1).max())
+        loop = loop.resolve(grid.num_patches, most)
+    n = grid.num_patches
+    plan = sampler.plan(
+        batch, n, loop.patches_per_step, loop.inner_steps, loop.max_visit_fraction, candidates
+    )
+    check_plan(plan, batch, n, loop)
 
     optimizer.zero_grad(set_to_none=True)
-    with hooks.autocast():
-        z = fill_z(encoder, images, grid, fill_chunk, fill_norm)  # Algorithm 2, no gradients
-    plan = sampler.plan(
-        batch,
-        grid.num_patches,
-        resolved.patches_per_step,
-        resolved.inner_steps,
-        resolved.max_visit_fraction,
-        candidates,
-    )
     view = grid.patch_view(grid.pad(images))
+    with hooks.autocast():
+        z = _fill_from_view(encoder, view, grid, fill_chunk, fill_norm)  # Algorithm 2
 
-    losses: list[float] = []
-    logits = torch.empty(0)
-    steps = 0
-    for group in accumulation_groups(resolved.inner_steps, resolved.accumulation):
+    losses: list[Tensor] = []
+    out = torch.empty(0)
+    for group in accumulation_groups(loop.inner_steps, loop.accumulation):
         for j in group:
             image_idx, slot = (plan[j] >= 0).nonzero(as_tuple=True)
             pos = plan[j][image_idx, slot].to(images.device)
@@ -313,18 +345,47 @@ def train_step(
             rows, cols = pos // grid.cols, pos % grid.cols
             with hooks.grad_sync(j == group[-1]):
                 with hooks.autocast():
-                    emb = _encode(encoder, grid.gather(view, image_idx, pos))
                     z_j = z.clone()  # Z holds no graph; the copy gets one
-                    z_j[image_idx, :, rows, cols] = emb.to(z_j.dtype)  # graph: active patches only
+                    if pos.numel():  # an image without candidates may have nothing to visit
+                        emb = _encode(encoder, grid.gather(view, image_idx, pos))
+                        z_j[image_idx, :, rows, cols] = emb.to(z_j.dtype)  # active patches only
                     out = head(z_j)
                     loss = loss_fn(out, targets)
                 hooks.backward(loss / len(group))
-            z[image_idx, :, rows, cols] = emb.detach().to(z.dtype)
-            losses.append(float(loss.detach()))
-            logits = out.detach()
+            if pos.numel():
+                z[image_idx, :, rows, cols] = emb.detach().to(z.dtype)
+            losses.append(loss.detach())
         step()
-        steps += 1
-    return StepResult(losses=losses, logits=logits, optimizer_steps=steps, plan=plan)
+    return StepResult(
+        losses=torch.stack(losses).float().tolist(),  # one host sync per outer step
+        logits=out.detach(),
+        optimizer_steps=loop.optimizer_steps,
+        plan=plan,
+    )
+
+
+def check_plan(plan: SamplePlan, batch: int, num_patches: int, loop: ResolvedLoop) -> None:
+    """Raise :class:`ValueError` unless ``plan`` is a valid plan for this batch and loop.
+
+    Valid: ``inner_steps`` tensors of shape ``(batch, k_j)`` with ``k_j <= k``, positions in
+    ``[-1, num_patches)``, and no position twice in one image's row.
+    """
+    if len(plan) != loop.inner_steps:
+        raise ValueError(
+            f"the sampler gave {len(plan)} inner iterations, expected {loop.inner_steps}"
+        )
+    for j, positions in enumerate(plan):
+        if positions.dim() != 2 or positions.shape[0] != batch:
+            raise ValueError(f"plan[{j}] has shape {tuple(positions.shape)}, expected ({batch}, k)")
+        if positions.shape[1] > loop.patches_per_step:
+            raise ValueError(
+                f"plan[{j}] has {positions.shape[1]} > k={loop.patches_per_step} slots"
+            )
+        if positions.numel() and (positions.min() < -1 or positions.max() >= num_patches):
+            raise ValueError(f"plan[{j}] holds positions outside [-1, {num_patches})")
+        ordered = positions.sort(dim=1).values
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+            raise ValueError(f"plan[{j}] visits a position twice in one image")
 
 
 @torch.no_grad()
@@ -335,8 +396,15 @@ def infer(
     images: Tensor,
     fill_chunk: int = 256,
 ) -> Tensor:
-    """Inference: fill Z with the (eval-mode) encoder and run the head once; returns logits."""
-    return head(fill_z(encoder, images, grid, fill_chunk, "running"))
+    """Inference logits: fill Z and run the head once, both in eval mode.
+
+    The modules are put in eval mode for the call (running BatchNorm statistics, no dropout)
+    and restored afterwards, so calling it mid-training changes nothing.
+    """
+    with keep_modes(encoder), keep_modes(head):
+        encoder.eval()
+        head.eval()
+        return head(fill_z(encoder, images, grid, fill_chunk, "running"))
 
 
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
@@ -356,6 +424,7 @@ def _encode(encoder: nn.Module, patches: Tensor) -> Tensor:
         if "more than 1 value per channel" not in str(err):
             raise
         raise ConfigError(
-            f"the encoder's BatchNorm cannot train on {patches.shape[0]} patch(es) at once; "
-            "raise patches_per_step or the batch size so that k·B >= 2"
+            f"the encoder's BatchNorm cannot train on {patches.shape[0]} patch(es) in one inner "
+            "iteration; raise patches_per_step or the batch size, or use fill_norm='running' "
+            "with the BatchNorm layers frozen (eval mode)"
         ) from err

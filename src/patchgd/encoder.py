@@ -48,7 +48,9 @@ class PatchEncoder(nn.Module):
             pretrained=pretrained,
             **backbone_kwargs,
         )
-        self.proj = nn.Linear(self.backbone.num_features, latent_dim)
+        # Some heads (MobileNetV3, GhostNet, VGG) widen the pooled features with a conv_head.
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.proj = nn.Linear(width, latent_dim)
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.proj(self.backbone(patches))

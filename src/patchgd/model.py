@@ -17,6 +17,7 @@ from .algorithm import (
     check_fill_norm,
     fill_z,
     infer,
+    keep_modes,
 )
 from .algorithm import train_step as patchgd_train_step
 from .backbones import Pretrained
@@ -33,13 +34,9 @@ class Classifier(nn.Module):
 
     def predict_proba(self, images: Tensor) -> Tensor:
         """Class probabilities ``(B, num_classes)``, computed in eval mode without gradients."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self(images).float().softmax(dim=1)
-        finally:
-            self.train(was_training)
+        with keep_modes(self), torch.no_grad():
+            self.eval()
+            return self(images).float().softmax(dim=1)
 
     def training_step(
         self,
@@ -101,7 +98,8 @@ class PatchGDClassifier(Classifier):
     ) -> None:
         super().__init__()
         self.grid = PatchGrid(image_size, patch_size, stride, pad_value)
-        self.loop = (loop or InnerLoopConfig()).resolve(self.grid.num_patches)  # fail early
+        self.loop_config = loop or InnerLoopConfig()
+        self.loop = self.loop_config.resolve(self.grid.num_patches)  # fail early
         check_fill_norm(fill_norm)
         self.fill_chunk = fill_chunk
         self.fill_norm: FillNorm = fill_norm
@@ -141,7 +139,7 @@ class PatchGDClassifier(Classifier):
             images,
             targets,
             optimizer,
-            self.loop,
+            self.loop_config,
             self.sampler,
             loss_fn=loss_fn,
             fill_chunk=self.fill_chunk,

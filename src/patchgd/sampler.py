@@ -53,7 +53,9 @@ class RandomPatchSampler:
 
     Each outer step, every image draws a random subset of ``ceil(max_visit_fraction · N)`` of its
     N candidate positions (its *visit set*) and walks through it in a random order, ``k`` at a
-    time. When the plan has more inner iterations than one walk needs, the walk starts again over
+    time. A walk takes ``ceil(visit set / k)`` inner iterations of balanced size (9 patches with
+    k = 4 give 3, 3, 3, not 4, 4, 1, so no iteration is a lone patch that BatchNorm cannot
+    normalise). When the plan has more inner iterations than one walk, the walk starts again over
     the same visit set in a fresh order, so no more than the cap is ever visited. An iteration
     never holds the same position twice; with a 100 % cap and ``ceil(N / k)`` inner iterations
     every patch is visited exactly once.
@@ -92,6 +94,7 @@ class RandomPatchSampler:
         in_visit_set = slot < budget[:, None]
         longest = int(budget.max()) if b else 0
         steps_per_walk = max(1, math.ceil(longest / k))
+        bounds = [t * longest // steps_per_walk for t in range(steps_per_walk + 1)]
 
         plan: SamplePlan = []
         walk = order
@@ -100,7 +103,7 @@ class RandomPatchSampler:
             if t == 0 and j > 0:  # a new walk over the same visit set, in a fresh order
                 keys = torch.rand(b, n, generator=self.generator).masked_fill(~in_visit_set, 2.0)
                 walk = order.gather(1, keys.argsort(dim=1))
-            start, end = t * k, min((t + 1) * k, longest)
+            start, end = bounds[t], bounds[t + 1]
             cols, positions = slot[:, start:end], walk[:, start:end]
             plan.append(positions.masked_fill(cols >= budget[:, None], -1))
         return plan
