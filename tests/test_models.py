@@ -142,3 +142,15 @@ def test_separate_learning_rates_for_encoder_and_head():
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == len(list(model.parameters()))
+
+
+def test_vit_weights_saved_at_another_input_size_load_with_resampled_positions(tmp_path):
+    source = timm.create_model("test_vit", num_classes=7)  # built for 160 px: 10 × 10 tokens
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    encoder = PatchEncoder("test_vit", 32, latent_dim=8, pretrained=path)  # 2 × 2 tokens
+    assert encoder.backbone.pos_embed.shape == (1, 1 + 4, 64)
+    loaded = encoder.backbone.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith(("head.", "pos_embed")):
+            assert torch.equal(loaded[name], value), name

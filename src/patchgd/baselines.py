@@ -31,7 +31,8 @@ class GDClassifier(Classifier):
         image_size: input size; needed by ViTs (position embeddings), ignored by CNNs.
         in_chans: image channels.
         pretrained: local weights file (or ``True`` for timm's hub weights).
-        backbone_kwargs: extra ``timm.create_model`` arguments.
+        backbone_kwargs: extra ``timm.create_model`` arguments (``num_classes`` here overrides
+            the backbone's own classifier width, e.g. 0 for pooled features).
     """
 
     def __init__(
@@ -51,11 +52,10 @@ class GDClassifier(Classifier):
         self.image_size = as_pair(image_size, "image_size")
         self.backbone = create_backbone(
             backbone,
-            num_classes=num_classes,
             image_size=self.image_size,
             in_chans=in_chans,
             pretrained=pretrained,
-            **(backbone_kwargs or {}),
+            **{"num_classes": num_classes, **(backbone_kwargs or {})},
         )
 
     def forward(self, images: Tensor) -> Tensor:
@@ -115,18 +115,20 @@ class GDExtendedClassifier(GDClassifier):
         pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        Classifier.__init__(self)
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-        self.num_classes = num_classes
-        self.image_size = as_pair(image_size, "image_size")
-        kwargs = dict(
-            num_classes=0, image_size=self.image_size, in_chans=in_chans, **(backbone_kwargs or {})
+        kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
+        super().__init__(
+            backbone,
+            num_classes,
+            image_size,
+            in_chans=in_chans,
+            pretrained=pretrained,
+            backbone_kwargs=kwargs,
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
-            probe = create_backbone(backbone, **kwargs)
+            probe = create_backbone(
+                backbone, image_size=self.image_size, in_chans=in_chans, **kwargs
+            )
             shape = _feature_map(probe, torch.empty(1, in_chans, *self.image_size)).shape
-        self.backbone = create_backbone(backbone, pretrained=pretrained, **kwargs)
         self.proj = nn.Conv2d(shape[1], latent_dim, kernel_size=1)
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, (shape[2], shape[3]))
 
