@@ -10,25 +10,78 @@ The public API:
   :class:`PatchSampler`, :class:`RandomPatchSampler`, :class:`StepHooks`.
 """
 
-from .algorithm import (
-    InnerLoopConfig,
-    ResolvedLoop,
-    StepHooks,
-    StepResult,
-    accumulation_groups,
-    fill_mode,
-    fill_z,
-    infer,
-    train_step,
-)
-from .backbones import create_backbone
-from .baselines import DownscaledGDClassifier, GDClassifier, GDExtendedClassifier, gd_train_step
-from .encoder import PatchEncoder
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import ConfigError, DataError, PatchGDError
-from .grid import PatchGrid
-from .head import HeadConfig, LatentHead
-from .model import Classifier, PatchGDClassifier
-from .sampler import PatchSampler, RandomPatchSampler, SamplePlan
+
+# The public names and the module that holds each. They are imported on first use (PEP 562),
+# so `import patchgd.data.sources` in a reader process does not pull in torch and timm.
+_EXPORTS = {
+    "algorithm": [
+        "InnerLoopConfig",
+        "ResolvedLoop",
+        "StepHooks",
+        "StepResult",
+        "accumulation_groups",
+        "fill_mode",
+        "fill_z",
+        "infer",
+        "train_step",
+    ],
+    "backbones": ["create_backbone"],
+    "baselines": [
+        "DownscaledGDClassifier",
+        "GDClassifier",
+        "GDExtendedClassifier",
+        "gd_train_step",
+    ],
+    "encoder": ["PatchEncoder"],
+    "grid": ["PatchGrid"],
+    "head": ["HeadConfig", "LatentHead"],
+    "model": ["Classifier", "PatchGDClassifier"],
+    "sampler": ["PatchSampler", "RandomPatchSampler", "SamplePlan"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .algorithm import (
+        InnerLoopConfig,
+        ResolvedLoop,
+        StepHooks,
+        StepResult,
+        accumulation_groups,
+        fill_mode,
+        fill_z,
+        infer,
+        train_step,
+    )
+    from .backbones import create_backbone
+    from .baselines import (
+        DownscaledGDClassifier,
+        GDClassifier,
+        GDExtendedClassifier,
+        gd_train_step,
+    )
+    from .encoder import PatchEncoder
+    from .grid import PatchGrid
+    from .head import HeadConfig, LatentHead
+    from .model import Classifier, PatchGDClassifier
+    from .sampler import PatchSampler, RandomPatchSampler, SamplePlan
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'patchgd' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __version__ = "0.1.0"
 
