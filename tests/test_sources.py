@@ -17,6 +17,7 @@ import tifffile
 from PIL import Image
 from tifffile.zarr import ZarrTiffStore
 
+from images import BASE_MPP, write_pyramid
 from patchgd.data import sources
 from patchgd.data.sources import (
     ArraySource,
@@ -30,7 +31,6 @@ from patchgd.data.sources import (
 from patchgd.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_MPP = 0.25  # written into the pyramid's resolution tags
 
 
 def reference(full: np.ndarray, top: int, left: int, height: int, width: int, fill=0):
@@ -83,29 +83,6 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None] if gray.ndim == 2 else gray, 3, axis=2)
-
-
-def write_pyramid(
-    path: Path, base: np.ndarray, n_levels: int = 3, tile: int = 128, compression="zlib", **kw
-) -> None:
-    """Pyramidal tiled TIFF: level 0 plus SubIFDs of 2x-subsampled levels."""
-    levels = [base]
-    for _ in range(n_levels - 1):
-        previous = levels[-1]
-        levels.append(previous[: previous.shape[0] // 2 * 2 : 2, : previous.shape[1] // 2 * 2 : 2])
-    resolution = (1e4 / BASE_MPP, 1e4 / BASE_MPP)
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(
-            levels[0],
-            tile=(tile, tile),
-            subifds=n_levels - 1,
-            compression=compression,
-            resolution=resolution,
-            resolutionunit="CENTIMETER",
-            **kw,
-        )
-        for level in levels[1:]:
-            tif.write(level, tile=(tile, tile), subfiletype=1, compression=compression, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ _EXPORTS = {
     "grid": ["PatchGrid"],
     "head": ["HeadConfig", "LatentHead"],
     "model": ["Classifier", "PatchGDClassifier"],
+    "patches": ["PatchProvider", "TensorPatches", "as_patches"],
     "sampler": ["PatchSampler", "RandomPatchSampler", "SamplePlan"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .grid import PatchGrid
     from .head import HeadConfig, LatentHead
     from .model import Classifier, PatchGDClassifier
+    from .patches import PatchProvider, TensorPatches, as_patches
     from .sampler import PatchSampler, RandomPatchSampler, SamplePlan
 
 
@@ -85,32 +87,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Classifier",
-    "ConfigError",
-    "DataError",
-    "DownscaledGDClassifier",
-    "GDClassifier",
-    "GDExtendedClassifier",
-    "HeadConfig",
-    "InnerLoopConfig",
-    "LatentHead",
-    "PatchEncoder",
-    "PatchGDClassifier",
-    "PatchGDError",
-    "PatchGrid",
-    "PatchSampler",
-    "RandomPatchSampler",
-    "ResolvedLoop",
-    "SamplePlan",
-    "StepHooks",
-    "StepResult",
-    "accumulation_groups",
-    "create_backbone",
-    "fill_mode",
-    "fill_z",
-    "gd_train_step",
-    "infer",
-    "train_step",
-    "__version__",
-]
+__all__ = ["ConfigError", "DataError", "PatchGDError", "__version__", *_MODULE_OF]

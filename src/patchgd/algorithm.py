@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError
 from .grid import PatchGrid
+from .patches import PatchProvider, as_patches
 from .sampler import PatchSampler, SamplePlan, visit_budget
 
 FillNorm = Literal["batch", "running"]
@@ -181,10 +182,9 @@ def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
                 bn.track_running_stats = True
 
 
-@torch.no_grad()
 def fill_z(
     encoder: nn.Module,
-    images: Tensor,
+    images: Tensor | PatchProvider,
     grid: PatchGrid,
     chunk: int = 256,
     norm: FillNorm = "batch",
@@ -197,7 +197,8 @@ def fill_z(
 
     Args:
         encoder: maps ``(n, C, p, p)`` patches to ``(n, D)`` embeddings.
-        images: ``(B, C, H, W)`` batch of the size ``grid`` was built for.
+        images: a ``(B, C, H, W)`` batch of the size ``grid`` was built for, or a
+            :class:`~patchgd.patches.PatchProvider` (e.g. images read lazily from disk).
         grid: the patch geometry.
         chunk: largest number of patches encoded at once (the fill's memory knob).
         norm: how BatchNorm normalises during the fill; see :func:`fill_mode`.
@@ -205,24 +206,15 @@ def fill_z(
     Returns:
         Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
     """
-    return _fill_from_view(encoder, grid.patch_view(grid.pad(images)), grid, chunk, norm)
-
-
-def _fill_from_view(
-    encoder: nn.Module, view: Tensor, grid: PatchGrid, chunk: int, norm: FillNorm
-) -> Tensor:
-    """:func:`fill_z` on a :meth:`PatchGrid.patch_view` of the padded batch."""
-    if chunk < 1:
-        raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
-    b, n = view.shape[0], grid.num_patches
-    flat = torch.arange(b * n, device=view.device)
+    patches = as_patches(images, grid)
+    b = patches.batch_size
     z_flat: Tensor | None = None
     with torch.no_grad(), fill_mode(encoder, norm):
-        for part in torch.tensor_split(flat, math.ceil(b * n / chunk)):
-            emb = encoder(grid.gather(view, part // n, part % n))
+        for ids, part in patches.chunks(chunk):
+            emb = encoder(part)
             if z_flat is None:
-                z_flat = emb.new_empty(b * n, emb.shape[1])
-            z_flat[part] = emb
+                z_flat = emb.new_empty(b * grid.num_patches, emb.shape[1])
+            z_flat[ids.to(emb.device)] = emb
     assert z_flat is not None
     return z_flat.view(b, grid.rows, grid.cols, -1).permute(0, 3, 1, 2).contiguous()
 
@@ -285,7 +277,7 @@ def train_step(
     encoder: nn.Module,
     head: nn.Module,
     grid: PatchGrid,
-    images: Tensor,
+    images: Tensor | PatchProvider,
     targets: Tensor,
     optimizer: torch.optim.Optimizer,
     loop: InnerLoopConfig | ResolvedLoop,
@@ -318,7 +310,8 @@ def train_step(
     """
     hooks = hooks or StepHooks()
     step = hooks.optimizer_step or plain_optimizer_step(optimizer)
-    batch = images.shape[0]
+    patches = as_patches(images, grid)
+    batch = patches.batch_size
     if targets.shape[0] != batch:
         raise ConfigError(f"got {batch} images but {targets.shape[0]} targets")
     if isinstance(loop, InnerLoopConfig):
@@ -331,29 +324,28 @@ def train_step(
     check_plan(plan, batch, n, loop)
 
     optimizer.zero_grad(set_to_none=True)
-    view = grid.patch_view(grid.pad(images))
     with hooks.autocast():
-        z = _fill_from_view(encoder, view, grid, fill_chunk, fill_norm)  # Algorithm 2
+        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm)  # Algorithm 2
 
     losses: list[Tensor] = []
     out = torch.empty(0)
     for group in accumulation_groups(loop.inner_steps, loop.accumulation):
         for j in group:
             image_idx, slot = (plan[j] >= 0).nonzero(as_tuple=True)
-            pos = plan[j][image_idx, slot].to(images.device)
-            image_idx = image_idx.to(images.device)
-            rows, cols = pos // grid.cols, pos % grid.cols
+            pos = plan[j][image_idx, slot]
+            # Index Z on its own device; the provider moves indices wherever its pixels live.
+            zi, zr, zc = (t.to(z.device) for t in (image_idx, pos // grid.cols, pos % grid.cols))
             with hooks.grad_sync(j == group[-1]):
                 with hooks.autocast():
                     z_j = z.clone()  # Z holds no graph; the copy gets one
                     if pos.numel():  # an image without candidates may have nothing to visit
-                        emb = _encode(encoder, grid.gather(view, image_idx, pos))
-                        z_j[image_idx, :, rows, cols] = emb.to(z_j.dtype)  # active patches only
+                        emb = _encode(encoder, patches.gather(image_idx, pos))
+                        z_j[zi, :, zr, zc] = emb.to(z_j.dtype)  # the graph: active patches only
                     out = head(z_j)
                     loss = loss_fn(out, targets)
                 hooks.backward(loss / len(group))
             if pos.numel():
-                z[image_idx, :, rows, cols] = emb.detach().to(z.dtype)
+                z[zi, :, zr, zc] = emb.detach().to(z.dtype)
             losses.append(loss.detach())
         step()
     return StepResult(
@@ -393,7 +385,7 @@ def infer(
     encoder: nn.Module,
     head: nn.Module,
     grid: PatchGrid,
-    images: Tensor,
+    images: Tensor | PatchProvider,
     fill_chunk: int = 256,
 ) -> Tensor:
     """Inference logits: fill Z and run the head once, both in eval mode.

@@ -24,6 +24,7 @@ from .backbones import Pretrained
 from .encoder import PatchEncoder
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig
+from .patches import PatchProvider
 from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -110,16 +111,16 @@ class PatchGDClassifier(Classifier):
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
         self.sampler = sampler or RandomPatchSampler(seed)
 
-    def fill_z(self, images: Tensor) -> Tensor:
+    def fill_z(self, images: Tensor | PatchProvider) -> Tensor:
         """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""
         return fill_z(self.encoder, images, self.grid, self.fill_chunk, self.fill_norm)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor | PatchProvider) -> Tensor:
         return infer(self.encoder, self.head, self.grid, images, self.fill_chunk)
 
     def training_step(
         self,
-        images: Tensor,
+        images: Tensor | PatchProvider,
         targets: Tensor,
         optimizer: torch.optim.Optimizer,
         *,
@@ -129,6 +130,8 @@ class PatchGDClassifier(Classifier):
     ) -> StepResult:
         """One outer step of Algorithm 1 on a batch; see :func:`patchgd.algorithm.train_step`.
 
+        ``images`` is a ``(B, C, H, W)`` batch or a
+        :class:`~patchgd.patches.PatchProvider` (images read lazily from disk).
         ``candidates`` optionally restricts, per image, the positions the sampler may pick
         (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches).
         """

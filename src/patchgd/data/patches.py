@@ -1,0 +1,132 @@
+"""Patches of images on disk, read region by region: a PatchProvider for huge images.
+
+No image is ever decoded whole. Z-filling reads every patch once, in chunks, through the
+worker processes of a standard ``DataLoader``; an inner iteration reads its few sampled patches
+in the main process. Memory is bounded by ``chunk`` patches (and the readers' tile caches),
+whatever the image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError
+from ..grid import PatchGrid
+from ..patches import balanced_chunks
+from .lazy import LazyImage
+from .sources import ImageSource, open_image
+
+
+class _PatchReader:
+    """Reads patch ``(b, flat)`` of ``images`` as uint8 ``(p, p, C)``; opens each file once."""
+
+    def __init__(self, images: Sequence[LazyImage], grid: PatchGrid) -> None:
+        self.images = list(images)
+        self.grid = grid
+        self._sources: dict[int, ImageSource] = {}
+
+    def source(self, b: int) -> ImageSource:
+        if b not in self._sources:
+            image = self.images[b]
+            self._sources[b] = open_image(image.path, level=image.level, keep_gray=image.keep_gray)
+        return self._sources[b]
+
+    def read(self, b: int, flat: int) -> np.ndarray:
+        top, left, bottom, right = self.grid.box(*self.grid.position(flat))
+        # Past the image's edge (canvas and grid padding alike) the source returns the fill.
+        return self.source(b).read_region(
+            top, left, bottom - top, right - left, fill=self.images[b].fill
+        )
+
+    def read_many(self, image_index: Sequence[int], flat_index: Sequence[int]) -> np.ndarray:
+        return np.stack([self.read(b, f) for b, f in zip(image_index, flat_index, strict=True)])
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
+
+
+class _ChunkDataset(Dataset):
+    """Item i: the ids of fill chunk i and its patches as uint8 ``(n, p, p, C)``."""
+
+    def __init__(self, reader: _PatchReader, chunks: list[Tensor]) -> None:
+        self.reader, self.chunks = reader, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        ids = self.chunks[i]
+        n = self.reader.grid.num_patches
+        patches = self.reader.read_many((ids // n).tolist(), (ids % n).tolist())
+        return ids, torch.from_numpy(patches)
+
+
+class SourcePatches:
+    """A :class:`~patchgd.patches.PatchProvider` over :class:`LazyImage` s read from disk.
+
+    Args:
+        images: the batch; every image's ``canvas`` must equal ``grid.image_size``.
+        grid: the patch grid of the model.
+        mean, std: per-channel normalisation in [0, 1] units (``(x/255 - mean) / std``);
+            ``None`` leaves pixels in [0, 1]. Padding reads as the images' ``fill`` colour,
+            normalised like any pixel; the grid's ``pad_value`` is not used.
+        device: where patches are delivered (the encoder's device).
+        num_workers: DataLoader worker processes reading the fill's chunks (0: main process).
+    """
+
+    def __init__(
+        self,
+        images: Sequence[LazyImage],
+        grid: PatchGrid,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        for image in images:
+            if tuple(image.canvas) != grid.image_size:
+                raise ConfigError(
+                    f"{image.path}: canvas {image.canvas} differs from the grid's image_size "
+                    f"{grid.image_size}"
+                )
+        self.reader = _PatchReader(images, grid)
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reader.images)
+
+    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        patches = self.reader.read_many(image_index.tolist(), flat_index.tolist())
+        return self._to_tensor(torch.from_numpy(patches))
+
+    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        total = self.batch_size * self.reader.grid.num_patches
+        dataset = _ChunkDataset(self.reader, balanced_chunks(total, chunk))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        for ids, patches in loader:
+            yield ids, self._to_tensor(patches)
+
+    def _to_tensor(self, patches: Tensor) -> Tensor:
+        """uint8 ``(n, p, p, C)`` → float ``(n, C, p, p)`` on the device, normalised."""
+        x = patches.to(self.device).permute(0, 3, 1, 2).contiguous().float().div_(255)
+        if self.mean is not None:
+            x = x.sub_(self.mean.to(self.device))
+        if self.std is not None:
+            x = x.div_(self.std.to(self.device))
+        return x
+
+    def close(self) -> None:
+        """Close the files opened in this process."""
+        self.reader.close()

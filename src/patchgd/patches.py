@@ -1,0 +1,86 @@
+"""Where the engine gets patches from: an in-memory batch, or any reader behind the same interface.
+
+The engine never needs a whole image at once. It asks for every patch once, in chunks, to fill
+Z, and then for a few sampled patches per inner iteration. :class:`PatchProvider` is that
+interface. :class:`TensorPatches` serves an in-memory ``(B, C, H, W)`` batch; the data layer
+serves images read region by region from disk (``patchgd.data.patches.SourcePatches``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .grid import PatchGrid
+
+
+@runtime_checkable
+class PatchProvider(Protocol):
+    """Patches of a batch of images on one :class:`~patchgd.grid.PatchGrid`."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        """Patches ``(image_index[i], flat_index[i])`` as ``(n, C, p, p)`` on the compute device."""
+        ...
+
+    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every patch of every image exactly once, at most ``chunk`` at a time.
+
+        Yields ``(ids, patches)``: ``ids[i] = image * rows·cols + flat position`` of
+        ``patches[i]``. Chunks are balanced (sizes differ by at most one).
+        """
+        ...
+
+
+def balanced_chunks(total: int, chunk: int, device: torch.device | None = None) -> list[Tensor]:
+    """``arange(total)`` split into ``ceil(total / chunk)`` parts whose sizes differ by at most one.
+
+    Balanced parts never leave a lone trailing patch, which BatchNorm with batch statistics
+    could not normalise.
+    """
+    if chunk < 1:
+        raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
+    return list(torch.tensor_split(torch.arange(total, device=device), math.ceil(total / chunk)))
+
+
+class TensorPatches:
+    """Patches of an in-memory ``(B, C, H, W)`` batch: a strided view, copied patch by patch.
+
+    The batch is padded once (only when the grid needs padding); every patch request copies
+    just the patches asked for.
+    """
+
+    def __init__(self, images: Tensor, grid: PatchGrid) -> None:
+        self.grid = grid
+        self.view = grid.patch_view(grid.pad(images))
+
+    @property
+    def batch_size(self) -> int:
+        return self.view.shape[0]
+
+    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        device = self.view.device
+        return self.grid.gather(self.view, image_index.to(device), flat_index.to(device))
+
+    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        n = self.grid.num_patches
+        for ids in balanced_chunks(self.batch_size * n, chunk, self.view.device):
+            yield ids, self.grid.gather(self.view, ids // n, ids % n)
+
+
+def as_patches(images: Tensor | PatchProvider, grid: PatchGrid) -> PatchProvider:
+    """``images`` as a :class:`PatchProvider`: tensors are wrapped, providers pass through."""
+    if isinstance(images, Tensor):
+        return TensorPatches(images, grid)
+    if isinstance(images, PatchProvider):
+        return images
+    raise ConfigError(
+        f"expected a (B, C, H, W) tensor or a PatchProvider, got {type(images).__name__}"
+    )

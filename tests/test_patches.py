@@ -1,0 +1,185 @@
+"""Patch providers: in memory, a slow reference, and images read lazily from disk, all agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from images import write_pyramid
+from patchgd import (
+    ConfigError,
+    HeadConfig,
+    InnerLoopConfig,
+    PatchGDClassifier,
+    PatchGrid,
+    TensorPatches,
+    as_patches,
+    fill_z,
+)
+from patchgd.data.lazy import LazyImage
+from patchgd.data.patches import SourcePatches
+from reference import TinyEncoder, reference_patch
+
+
+class SlicingPatches:
+    """The obvious provider: one slice of the padded image per requested patch."""
+
+    def __init__(self, images: torch.Tensor, grid: PatchGrid) -> None:
+        self.images, self.grid = images, grid
+        self.batch_size = images.shape[0]
+
+    def gather(self, image_index, flat_index):
+        return torch.stack(
+            [
+                reference_patch(self.images[b : b + 1], self.grid, *self.grid.position(f))[0]
+                for b, f in zip(image_index.tolist(), flat_index.tolist(), strict=True)
+            ]
+        )
+
+    def chunks(self, chunk):
+        n = self.grid.num_patches
+        ids = torch.arange(self.batch_size * n)
+        for part in ids.split(chunk):
+            yield part, self.gather(part // n, part % n)
+
+
+def test_tensor_patches_chunks_cover_every_patch_once_in_balanced_chunks():
+    grid = PatchGrid((40, 56), 16, 12)
+    images = torch.randn(3, 2, 40, 56)
+    full = grid.extract(images)
+    seen, sizes = [], []
+    for ids, patches in TensorPatches(images, grid).chunks(7):
+        sizes.append(len(ids))
+        for i, patch in zip(ids.tolist(), patches, strict=True):
+            b, (r, c) = i // grid.num_patches, grid.position(i % grid.num_patches)
+            assert torch.equal(patch, full[b, r, c])
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(3 * grid.num_patches))
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 7
+
+
+def test_any_provider_fills_and_trains_like_the_in_memory_batch():
+    torch.manual_seed(0)
+    images, targets = torch.randn(2, 3, 70, 50, dtype=torch.float64), torch.tensor([0, 2])
+    grid = PatchGrid((70, 50), 16, 16, pad_value=0.25)
+    encoder = TinyEncoder().double()
+    torch.testing.assert_close(
+        fill_z(encoder, SlicingPatches(images, grid), grid, chunk=5),
+        fill_z(encoder, images, grid, chunk=5),
+    )
+
+    def trained(source_of):
+        torch.manual_seed(1)
+        model = PatchGDClassifier(
+            "test_efficientnet_gn",
+            3,
+            (70, 50),
+            16,
+            pad_value=0.25,
+            latent_dim=8,
+            head=HeadConfig(width=8, dropout=0.0),
+            loop=InnerLoopConfig(patches_per_step=4, accumulation=2),
+        ).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = model.training_step(source_of(model.grid), targets, opt).losses
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    reference_losses, reference_params = trained(lambda g: SlicingPatches(images, g))
+    losses, params = trained(lambda g: images)
+    assert losses == pytest.approx(reference_losses, rel=1e-12)
+    for a, b in zip(params, reference_params, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_as_patches_refuses_other_inputs():
+    with pytest.raises(ConfigError, match="expected a \\(B, C, H, W\\) tensor or a PatchProvider"):
+        as_patches([torch.zeros(3, 8, 8)], PatchGrid(8, 4))
+
+
+@pytest.fixture(scope="module")
+def disk_images(tmp_path_factory):
+    """A 3-level tiled TIFF (300×220) and a PNG (130×170), with their level-1 / full pixels."""
+    folder = tmp_path_factory.mktemp("lazy")
+    rng = np.random.default_rng(0)
+    tiff = rng.integers(0, 256, (300, 220, 3), dtype=np.uint8)
+    write_pyramid(folder / "slide.tif", tiff, n_levels=3, tile=64, photometric="rgb")
+    png = rng.integers(0, 256, (130, 170, 3), dtype=np.uint8)
+    Image.fromarray(png).save(folder / "small.png")
+    level1 = tifffile.imread(folder / "slide.tif", level=1)
+    return [(str(folder / "slide.tif"), 1, level1), (str(folder / "small.png"), 0, png)]
+
+
+def _canvas_tensor(pixels, canvas, fill, mean, std):
+    """The in-memory equivalent: image at the top-left of a fill-coloured canvas, normalised."""
+    out = np.empty((*canvas, 3), dtype=np.uint8)
+    out[:] = fill
+    out[: pixels.shape[0], : pixels.shape[1]] = pixels
+    x = torch.from_numpy(out).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, num_workers):
+    canvas, fill = (160, 176), (255.0, 255.0, 255.0)  # patches of 48 overhang the canvas too
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    lazy = [
+        LazyImage(path, level, pixels.shape[:2], canvas, fill)
+        for path, level, pixels in disk_images
+    ]
+    grid = PatchGrid(
+        canvas, 48, 40, pad_value=[(255 / 255 - m) / s for m, s in zip(mean, std, strict=True)]
+    )
+    images = torch.stack([_canvas_tensor(p, canvas, fill, mean, std) for _, _, p in disk_images])
+    expected = TensorPatches(images, grid)
+    source = SourcePatches(lazy, grid, mean=mean, std=std, num_workers=num_workers)
+    for (ids, got), (ref_ids, want) in zip(source.chunks(9), expected.chunks(9), strict=True):
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(got, want)
+    pick_images, pick_positions = torch.tensor([1, 0, 1]), torch.tensor([0, 11, 19])
+    torch.testing.assert_close(
+        source.gather(pick_images, pick_positions), expected.gather(pick_images, pick_positions)
+    )
+    source.close()
+
+
+def test_training_on_lazy_images_equals_training_on_the_decoded_batch(disk_images):
+    canvas, fill = (160, 176), (0.0, 0.0, 0.0)
+    lazy = [
+        LazyImage(path, level, pixels.shape[:2], canvas, fill)
+        for path, level, pixels in disk_images
+    ]
+    images = torch.stack(
+        [_canvas_tensor(p, canvas, fill, (0, 0, 0), (1, 1, 1)) for _, _, p in disk_images]
+    )
+
+    def trained(batch_of):
+        torch.manual_seed(3)
+        model = PatchGDClassifier(
+            "test_resnet",
+            4,
+            canvas,
+            48,
+            stride=40,
+            latent_dim=8,
+            head=HeadConfig(width=8, dropout=0.0),
+            loop=InnerLoopConfig(patches_per_step=6),
+        )
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        result = model.training_step(batch_of(model.grid), torch.tensor([1, 3]), opt)
+        return result.losses, model.state_dict()
+
+    losses, state = trained(lambda grid: SourcePatches(lazy, grid, num_workers=2))
+    reference_losses, reference_state = trained(lambda grid: images)
+    assert losses == reference_losses  # same pixels, same layout, same arithmetic
+    for key, value in reference_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key
+
+
+def test_canvas_must_match_the_grid(disk_images):
+    path, level, pixels = disk_images[1]
+    with pytest.raises(ConfigError, match=r"small.png: canvas \(200, 200\) differs from the grid"):
+        SourcePatches([LazyImage(path, level, pixels.shape[:2], (200, 200))], PatchGrid(160, 32))
