@@ -56,6 +56,40 @@ def write_tiff(path: Path, size: int, tile: int, compression: str) -> None:
     )
 
 
+def fill_all(path: str, patch: int, workers: int) -> dict:
+    """Runs in the fresh process: fill Z for the whole image through the lazy patch provider."""
+    import torch
+
+    from patchgd import PatchGrid, fill_z
+    from patchgd.data.lazy import LazyImage
+    from patchgd.data.patches import SourcePatches
+    from patchgd.data.sources import open_image
+
+    with open_image(path) as source:
+        size = source.size
+    grid = PatchGrid(size, patch)
+    encoder = torch.nn.Sequential(  # small, so the figure is about reading, not the model
+        torch.nn.Conv2d(3, 16, 7, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 64),
+    )
+    provider = SourcePatches([LazyImage(path, 0, size, size)], grid, num_workers=workers)
+    after_imports = _peak_rss_mb()
+    start = time.perf_counter()
+    z = fill_z(encoder, provider, grid, chunk=64)
+    seconds = time.perf_counter() - start
+    return {
+        "patches": grid.num_patches,
+        "z_shape": list(z.shape),
+        "seconds": round(seconds, 2),
+        "ms_per_patch": round(1000 * seconds / grid.num_patches, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_after_imports_mb": round(after_imports, 1),
+    }
+
+
 def read_all(path: str, patch: int, with_torch: bool) -> dict:
     """Runs in the fresh process: read every patch in grid order."""
     if with_torch:
@@ -93,11 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", default="zlib", help="tifffile compression name")
     parser.add_argument("--limit-mb", type=float, default=500.0, help="fail above this peak")
     parser.add_argument("--with-torch", action="store_true", help="import torch in the reader")
+    parser.add_argument(
+        "--fill",
+        type=int,
+        metavar="WORKERS",
+        help="fill Z through SourcePatches with this many DataLoader workers instead of reading",
+    )
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     parser.add_argument("--read", metavar="PATH", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.read:
-        print(json.dumps(read_all(args.read, args.patch, args.with_torch)))
+        if args.fill is not None:
+            print(json.dumps(fill_all(args.read, args.patch, args.fill)))
+        else:
+            print(json.dumps(read_all(args.read, args.patch, args.with_torch)))
         return 0
 
     size = args.size or (4096 if args.quick else 20000)
@@ -108,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         write_s, file_mb = time.perf_counter() - start, path.stat().st_size / 2**20
         command = [sys.executable, __file__, "--read", str(path), "--patch", str(args.patch)]
         child = subprocess.run(
-            command + ["--with-torch"] * args.with_torch,
+            command
+            + ["--with-torch"] * args.with_torch
+            + ([] if args.fill is None else ["--fill", str(args.fill)]),
             capture_output=True,
             text=True,
             check=False,
@@ -120,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(size=size, file_mb=round(file_mb, 1), write_seconds=round(write_s, 1))
     print(
         f"| {size}x{size} RGB, {args.tile}-px {args.compression} tiles ({file_mb:.0f} MB) "
-        f"| {result['patches']} patches of {args.patch}x{args.patch} "
+        f"| {'Z-fill' if args.fill is not None else 'read'}: "
+        f"{result['patches']} patches of {args.patch}x{args.patch} "
         f"| peak RSS {result['peak_rss_mb']:.0f} MB "
         f"(after imports {result['rss_after_imports_mb']:.0f} MB) "
         f"| {result['seconds']:.1f} s ({result['ms_per_patch']:.2f} ms/patch) |"
