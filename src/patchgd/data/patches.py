@@ -22,6 +22,12 @@ from .lazy import LazyImage
 from .sources import ImageSource, open_image
 
 
+def collate_lazy(batch: Sequence[tuple[LazyImage, int]]) -> tuple[list[LazyImage], Tensor]:
+    """``collate_fn`` for a DataLoader over lazy images: the images as a list, labels stacked."""
+    images, labels = zip(*batch, strict=True)
+    return list(images), torch.as_tensor(labels, dtype=torch.long)
+
+
 class _PatchReader:
     """Reads patch ``(b, flat)`` of ``images`` as uint8 ``(p, p, C)``; opens each file once."""
 
