@@ -12,7 +12,7 @@ BASE_MPP = 0.25  # microns per pixel of level 0, written into the resolution tag
 
 def write_pyramid(
     path: Path, base: np.ndarray, n_levels: int = 3, tile: int = 128, compression="zlib", **kw
-) -> None:
+) -> Path:
     """Pyramidal tiled TIFF: level 0 plus SubIFDs of 2x-subsampled levels."""
     levels = [base]
     for _ in range(n_levels - 1):
@@ -31,3 +31,28 @@ def write_pyramid(
         )
         for level in levels[1:]:
             tif.write(level, tile=(tile, tile), subfiletype=1, compression=compression, **kw)
+    return path
+
+
+def smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus noise: resizing errors show, and zlib stays fast."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256])
+    noise = rng.integers(-20, 21, (3, height, width))
+    return np.clip(base + noise, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+
+
+def spy_levels(monkeypatch) -> list[int]:
+    """Record the pyramid level of every pixel read a TiffSource makes (for level-choice tests)."""
+    from patchgd.data.sources import TiffSource
+
+    levels_read: list[int] = []
+    original = TiffSource._read_pixels
+
+    def spy(self, level, *args):
+        levels_read.append(level)
+        return original(self, level, *args)
+
+    monkeypatch.setattr(TiffSource, "_read_pixels", spy)
+    return levels_read

@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image
 from tifffile.zarr import ZarrTiffStore
 
-from images import BASE_MPP, write_pyramid
+from images import BASE_MPP, spy_levels, write_pyramid
 from patchgd.data import sources
 from patchgd.data.sources import (
     ArraySource,
@@ -364,14 +364,7 @@ def test_region_read_decodes_only_the_overlapping_tiles(big_tiff, monkeypatch):
 
 def test_thumbnail_reads_the_smallest_sufficient_level(pyramid, monkeypatch):
     source = TiffSource(pyramid)
-    levels_read: list[int] = []
-    original = TiffSource._read_pixels
-
-    def spy(self, level, *args):
-        levels_read.append(level)
-        return original(self, level, *args)
-
-    monkeypatch.setattr(TiffSource, "_read_pixels", spy)
+    levels_read = spy_levels(monkeypatch)
     thumb = source.thumbnail(300)  # level 2 (250 x 325) is the smallest >= 300, halved
     assert thumb.shape == (125, 163, 3) and max(thumb.shape[:2]) <= 300
     assert set(levels_read) == {2}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from patchgd._io import atomic_write
 from patchgd.data.lazy import LazyImage
 from patchgd.data.sources import open_image
 from patchgd.errors import ConfigError
@@ -287,12 +287,7 @@ class TissueMasks:
         file = self._file(key)
         if file is None:
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.cache_dir)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, mask=mask)
-            os.replace(tmp, file)
-        except OSError as exc:
+            atomic_write(file, lambda handle: np.savez_compressed(handle, mask=mask))
+        except OSError as exc:  # a cache that cannot be written only costs recomputation
             warnings.warn(f"could not write tissue-mask cache {file}: {exc}", stacklevel=3)
-            if os.path.exists(tmp):
-                os.remove(tmp)

@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from patchgd._io import atomic_write
 from patchgd.errors import ConfigError, DataError
 
 Split = Literal["train", "val", "test"]
@@ -501,18 +501,6 @@ class UltraMNIST(Dataset):
 # ---------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_ultramnist(
     out_dir: str | os.PathLike[str],
     *,
@@ -544,7 +532,7 @@ def write_ultramnist(
             width = max(6, len(str(len(ds) - 1)))
             for i in range(len(ds)):
                 sample, image_id = ds.sample(i), f"{ds.split}/{i:0{width}d}.png"
-                _atomic_write(
+                atomic_write(
                     out / image_id,
                     lambda fh, a=sample.image: Image.fromarray(a, "L").save(fh, "PNG"),
                 )
@@ -563,9 +551,9 @@ def write_ultramnist(
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(("image_id", "label", "split"))
     writer.writerows(rows)
-    _atomic_write(out / "labels.csv", lambda fh: fh.write(text.getvalue().encode()))
+    atomic_write(out / "labels.csv", lambda fh: fh.write(text.getvalue().encode()))
     meta = {"config": asdict(config), "seed": seed, "source": source.name, "images": records}
-    _atomic_write(out / "records.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(out / "records.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     return out / "labels.csv"
 
 
