@@ -197,3 +197,55 @@ def test_collate_lazy_keeps_images_as_a_list_and_stacks_labels(disk_images):
     images, labels = next(iter(DataLoader(items, batch_size=2, collate_fn=collate_lazy)))
     assert images == [item for item, _ in items]
     assert labels.tolist() == [2, 0] and labels.dtype == torch.long
+
+
+def test_the_readme_loop_trains_on_lazy_slides_with_tissue_candidates(tmp_path):
+    """read_table → lazy dataset → DataLoader → SourcePatches + tissue candidates → a step."""
+    import csv as csv_module
+
+    from torch.utils.data import DataLoader
+
+    from images import smooth_rgb
+    from patchgd.data.dataset import LargeImageDataset
+    from patchgd.data.patches import collate_lazy
+    from patchgd.data.table import read_table
+    from patchgd.data.tissue import TissueMasks
+
+    rows = []
+    for i, (h, w) in enumerate([(300, 260), (200, 330), (260, 200)]):
+        slide = np.full((h, w, 3), 235, np.uint8)  # glass
+        slide[h // 4 : h // 2, w // 3 : w // 2] = smooth_rgb(h // 2 - h // 4, w // 2 - w // 3)
+        slide[h // 4 : h // 2, w // 3 : w // 2, 1] //= 3  # stained: saturated
+        write_pyramid(tmp_path / f"s{i}.tif", slide, n_levels=2, tile=64, photometric="rgb")
+        rows.append({"image_id": f"s{i}", "label": i % 2})
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        writer = csv_module.DictWriter(fh, ["image_id", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    table = read_table(tmp_path / "train.csv", tmp_path, num_classes=2)
+    data = LargeImageDataset(table, mode="lazy", level=0, fill=(255, 255, 255), canvas_multiple=32)
+    assert data.canvas == (320, 352)
+    model = PatchGDClassifier(
+        "test_resnet",
+        2,
+        data.canvas,
+        32,
+        latent_dim=8,
+        head=HeadConfig(width=8),
+        loop=InnerLoopConfig(patches_per_step=4),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    masks = TissueMasks(cache_dir=tmp_path / "masks", max_side=128)
+    loader = DataLoader(data, batch_size=3, collate_fn=collate_lazy)
+    for images, targets in loader:
+        candidates = masks.candidates_batch(images, model.grid)
+        assert 0 < int(candidates.sum()) < candidates.numel()  # tissue only, not the glass
+        patches = SourcePatches(images, model.grid, num_workers=2)
+        result = model.training_step(patches, targets, optimizer, candidates=candidates)
+        visited = torch.zeros_like(candidates)
+        for step in result.plan:
+            for b in range(3):
+                visited[b, step[b][step[b] >= 0]] = True
+        assert torch.equal(visited, candidates)  # every tissue patch, nothing else
+        assert all(np.isfinite(result.losses))

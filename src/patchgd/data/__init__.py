@@ -1,0 +1,7 @@
+"""Data for patchgd: UltraMNIST, large-image readers, the CSV dataset, tissue masks.
+
+Import from the submodules: ``ultramnist`` (the synthetic benchmark), ``sources`` (region
+readers: ``open_image``), ``table`` (``read_table``), ``dataset`` (``LargeImageDataset``),
+``lazy`` (``LazyImage``), ``patches`` (``SourcePatches``, ``collate_lazy``), ``tissue``
+(``TissueMasks``) and ``prepare`` (``prepare_images``, ``channel_stats``).
+"""
