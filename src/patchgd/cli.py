@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchgd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"patchgd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("fit", "validate", "test", "predict"):
+        commands.add_parser(name, help=f"{name} a model from a YAML config (LightningCLI; "
+                            f"`patchgd {name} --help`)", add_help=False)
 
     demo = commands.add_parser("demo", help="train PatchGD and GD side by side on UltraMNIST")
     from .demo import DemoConfig
@@ -155,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        from .app.cli import run_lightning
+
+        try:
+            run_lightning(argv)
+        except PatchGDError as err:
+            print(f"patchgd: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

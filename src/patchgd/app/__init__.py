@@ -1,0 +1,1 @@
+"""The training application: Lightning task, data modules, callbacks and the CLI."""

@@ -1,0 +1,141 @@
+"""Lightning plug-ins for a run's outputs: atomic checkpoints, a JSON summary, a curves plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .._io import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes checkpoints through a temp file and a rename: a kill leaves the old file or none."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda handle: torch.save(checkpoint, handle))
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak memory so far: CUDA allocator peak when on a GPU, and the process's peak RSS."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks = {"process_peak_rss": rss if sys.platform == "darwin" else rss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+    return peaks
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True).encode()
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+class RunSummary(Callback):
+    """Writes ``summary.json`` in the run folder: final and best metrics, time, peak memory.
+
+    ``fit`` writes the final and best validation metrics and the seconds of every epoch;
+    ``validate`` and ``test`` add their metrics under their own key.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self._start)
+
+    def _update(self, trainer: L.Trainer, key: str, payload: dict[str, Any]) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        path = Path(trainer.log_dir) / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary[key] = payload
+        summary["peak_memory_bytes"] = peak_memory_bytes()
+        _write_json(path, summary)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best: dict[str, Any] = {}
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            best = {
+                "monitor": checkpoint.monitor,
+                "score": float(checkpoint.best_model_score)
+                if checkpoint.best_model_score is not None
+                else None,
+                "checkpoint": checkpoint.best_model_path,
+            }
+        seconds = self.epoch_seconds
+        self._update(
+            trainer,
+            "fit",
+            {
+                "epochs": trainer.current_epoch,
+                "final_metrics": _scalars(trainer.callback_metrics),
+                "best": best,
+                "seconds_per_epoch": seconds,
+                "mean_seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+            },
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._update(trainer, "validate", _scalars(trainer.callback_metrics))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._update(trainer, "test", _scalars(trainer.callback_metrics))
+
+
+class TrainingCurves(Callback):
+    """At the end of ``fit``, plots the CSV logger's loss and accuracy curves to ``curves.png``."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        metrics_csv = Path(trainer.log_dir) / "metrics.csv"
+        if not metrics_csv.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(metrics_csv, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        panels = [
+            ("loss", ["train/loss_epoch", "val/loss"]),
+            ("accuracy", ["train/acc", "val/acc"]),
+        ]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, (title, keys) in zip(axes, panels, strict=True):
+            for key in keys:
+                points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key)]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=key)
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.legend()
+        fig.tight_layout()
+        atomic_write(
+            Path(trainer.log_dir) / "curves.png", lambda handle: fig.savefig(handle, format="png")
+        )
+        plt.close(fig)

@@ -1,0 +1,56 @@
+"""``patchgd fit | validate | test | predict``: LightningCLI over the task and data modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import RunSummary, TrainingCurves
+from .task import PatchGDTask
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """Trainer defaults every run gets: best and last checkpoints, summary, curves, loggers."""
+    return {
+        "callbacks": [
+            ModelCheckpoint(
+                monitor="val/acc",
+                mode="max",
+                save_last=True,
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+            ),
+            RunSummary(),
+            TrainingCurves(),
+        ],
+        "logger": [
+            {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs"},
+            },
+            {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "tensorboard"},
+            },
+        ],
+        # By class path, so the saved config.yaml can be read back by validate/test/predict.
+        "plugins": [{"class_path": "patchgd.app.callbacks.AtomicCheckpointIO"}],
+    }
+
+
+def run_lightning(argv: Sequence[str]) -> LightningCLI:
+    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/x.yaml"]``."""
+    return LightningCLI(
+        PatchGDTask,
+        None,  # any LightningDataModule, chosen by class_path in the config
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        args=list(argv),
+        auto_configure_optimizers=False,
+    )

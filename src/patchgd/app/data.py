@@ -1,0 +1,194 @@
+"""Lightning data modules: UltraMNIST generated on the fly, and a CSV + folder of images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.dataset import LargeImageDataset
+from ..data.table import ImageTable, read_table, stratified_folds
+from ..data.ultramnist import UltraMNIST, UltraMNISTConfig
+from ..errors import ConfigError
+
+
+class _Normalized(Dataset):
+    """Applies ``(x - mean) / std`` per channel to a dataset of ``(tensor, label)``."""
+
+    def __init__(self, data: Dataset, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.data = data
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.data[index]
+        return (image - self.mean) / self.std, label
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order per epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch (as for ``DistributedSampler``), so a
+    run resumed at epoch e draws the same order as an uninterrupted run does at epoch e.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class _Loaders(L.LightningDataModule):
+    """Shared DataLoader settings; subclasses fill ``self.datasets`` in ``setup``."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ConfigError(
+                f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+            )
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.datasets: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self.datasets[split]
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,  # type: ignore[arg-type]
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            # Its own generator: a loader must not draw its base seed from the global stream,
+            # or an extra pass (a resumed run's sanity check) would shift dropout's randomness.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class UltraMNISTDataModule(_Loaders):
+    """UltraMNIST generated on the fly (no files), the project's embedded default data.
+
+    Args:
+        canvas_size: image side in pixels (the paper: 512).
+        per_class_train, per_class_val, per_class_test: images per class of each split; the
+            splits draw on disjoint digit pictures.
+        variant: ``"paper"`` (10 classes) or ``"original"`` (28 classes).
+        channels: 1 (grayscale) or 3 (gray repeated, for RGB backbones).
+        mean, std: per-channel normalisation (``patchgd data stats``); ``None`` keeps [0, 1].
+        batch_size, num_workers: DataLoader settings.
+        seed: generation seed and shuffle seed.
+    """
+
+    def __init__(
+        self,
+        canvas_size: int = 512,
+        per_class_train: int = 1000,
+        per_class_val: int = 100,
+        per_class_test: int = 100,
+        variant: Literal["paper", "original"] = "paper",
+        channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.config = UltraMNISTConfig(canvas_size=canvas_size, variant=variant)
+        self.sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
+        self.channels, self.mean, self.std = channels, mean, std
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, per_class in self.sizes.items():
+            data: Dataset = UltraMNIST(
+                split, per_class, self.config, self.seed, channels=self.channels
+            )
+            if self.mean is not None or self.std is not None:
+                data = _Normalized(
+                    data, self.mean or [0.0] * self.channels, self.std or [1.0] * self.channels
+                )
+            self.datasets[split] = data
+
+
+class ImageFolderDataModule(_Loaders):
+    """Images listed in a labels CSV, resized as in the paper (``LargeImageDataset``).
+
+    The CSV's ``split`` column (train/val/test) chooses the splits; without one, ``fold``
+    selects the validation fold of a stratified ``num_folds``-fold split of the rows (PANDA's
+    protocol) and the test split is the validation fold.
+
+    Args:
+        csv: the labels CSV; ``root``: the folder its ids are relative to.
+        target_size: the longest side after resizing; images are padded to a square.
+        fill: padding colour in uint8 units (255 for slides).
+        num_classes: classes (default: from the labels).
+        mean, std: per-channel normalisation (``patchgd data stats``).
+        fold, num_folds: cross-validation when the CSV has no split column.
+    """
+
+    def __init__(
+        self,
+        csv: str,
+        root: str | None = None,
+        target_size: int = 512,
+        fill: Sequence[float] = (255.0, 255.0, 255.0),
+        num_classes: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        fold: int = 0,
+        num_folds: int = 5,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.table = read_table(csv, root, num_classes=num_classes)
+        self.target_size, self.fill, self.mean, self.std = target_size, fill, mean, std
+        self.fold, self.num_folds = fold, num_folds
+
+    @property
+    def num_classes(self) -> int:
+        return self.table.num_classes
+
+    def _splits(self) -> dict[str, ImageTable]:
+        if any(item.split is not None for item in self.table.items):
+            return {s: self.table.split(s) for s in ("train", "val", "test")}
+        folded = stratified_folds(self.table, self.num_folds, self.seed)
+        val = folded.fold(self.fold, "val")
+        return {"train": folded.fold(self.fold, "train"), "val": val, "test": val}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, table in self._splits().items():
+            self.datasets[split] = LargeImageDataset(
+                table, target_size=self.target_size, fill=self.fill, mean=self.mean, std=self.std
+            )

@@ -1,0 +1,201 @@
+"""The LightningModule that trains any patchgd classifier: PatchGD or a GD baseline.
+
+Lightning owns the plumbing (devices, precision, checkpoints, logging); the algorithm stays in
+the engine. Optimisation is manual because one PatchGD batch makes ceil(ζ/ε) optimizer steps:
+the engine's :class:`~patchgd.algorithm.StepHooks` route its backward passes through
+``manual_backward`` (precision scaling) and its optimizer steps through Lightning's optimizer,
+advancing the learning-rate schedule once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
+
+from ..algorithm import StepHooks
+from ..errors import ConfigError
+from ..model import Classifier, PatchGDClassifier
+
+
+def warmup_then_linear_decay(
+    step: int, warmup_steps: int, total_steps: int, final_fraction: float
+) -> float:
+    """The paper's schedule as a multiplier of the peak learning rate.
+
+    Linear warm-up from 0 over ``warmup_steps``, then linear decay to ``final_fraction`` of the
+    peak at ``total_steps``; constant at ``final_fraction`` after that.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 1.0 - (1.0 - final_fraction) * progress
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "qwk": MulticlassCohenKappa(num_classes=num_classes, weights="quadratic"),
+        },
+        prefix=prefix,
+    )
+
+
+class PatchGDTask(L.LightningModule):
+    """Trains, validates, tests and predicts with a :class:`~patchgd.model.Classifier`.
+
+    Args:
+        classifier: the model: :class:`~patchgd.PatchGDClassifier` or a GD baseline.
+        lr: peak learning rate (Adam), for every parameter unless overridden below.
+        encoder_lr, head_lr: peak learning rates of PatchGD's encoder and head.
+        weight_decay: Adam's weight decay.
+        warmup_epochs: linear warm-up from 0 over this many epochs (the paper: 2).
+        final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
+            last epoch (the paper: 0.5).
+        channels_last: train in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        lr: float = 1e-3,
+        encoder_lr: float | None = None,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_epochs: float = 2.0,
+        final_lr_fraction: float = 0.5,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0 or warmup_epochs < 0 or not 0 <= final_lr_fraction <= 1:
+            raise ConfigError(
+                f"need lr > 0, warmup_epochs >= 0 and final_lr_fraction in [0, 1]; got lr={lr}, "
+                f"warmup_epochs={warmup_epochs}, final_lr_fraction={final_lr_fraction}"
+            )
+        self.save_hyperparameters(ignore=["classifier"])
+        self.classifier = classifier
+        self.automatic_optimization = False
+        if channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
+        n = classifier.num_classes
+        self.train_metrics = _metrics(n, "train/")
+        self.val_metrics = _metrics(n, "val/")
+        self.test_metrics = _metrics(n, "test/")
+
+    # -- optimisation -------------------------------------------------------------------
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per training batch: ceil(ζ/ε) for PatchGD, 1 for GD."""
+        if isinstance(self.classifier, PatchGDClassifier):
+            return self.classifier.loop.optimizer_steps
+        return 1
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if isinstance(self.classifier, PatchGDClassifier):
+            groups = self.classifier.param_groups(hp.encoder_lr or hp.lr, hp.head_lr or hp.lr)
+        else:
+            groups = [{"params": list(self.classifier.parameters()), "lr": hp.lr}]
+        optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
+        batches = self.trainer.estimated_stepping_batches  # batches over the whole run
+        epochs = max(1, self.trainer.max_epochs or 1)
+        total = int(batches) * self.steps_per_batch
+        warmup = round(hp.warmup_epochs * total / epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_then_linear_decay(step, warmup, total, hp.final_lr_fraction),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
+
+    # -- steps --------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, targets = self._prepare(batch)
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
+
+        start = time.perf_counter()
+        hooks = StepHooks(backward=self.manual_backward, optimizer_step=optimizer_step)
+        result = self.classifier.training_step(images, targets, optimizer, hooks=hooks)
+        seconds = time.perf_counter() - start
+        batch_size = targets.shape[0]
+        self.train_metrics.update(result.logits.float(), targets)
+        self.log("train/loss", result.loss, prog_bar=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/images_per_s", batch_size / seconds, prog_bar=True, batch_size=batch_size)
+        if isinstance(self.classifier, PatchGDClassifier):
+            patches = sum(int((p >= 0).sum()) for p in result.plan)
+            patches += batch_size * self.classifier.grid.num_patches  # the fill
+            self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
+        self.log("lr", schedule.get_last_lr()[0], batch_size=batch_size)
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str
+    ) -> None:
+        images, targets = self._prepare(batch)
+        logits = self.classifier(images).float()
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), batch_size=targets.shape[0])
+        metrics.update(logits, targets)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, tuple | list) else batch
+        return self.classifier.predict_proba(self._to_memory_format(images))
+
+    def _prepare(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        images, targets = batch
+        return self._to_memory_format(images), targets
+
+    def _to_memory_format(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last and isinstance(images, Tensor):
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    # -- reproducible resume ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout and the data order draw on the global generators; a resumed run must
+        # continue their streams, not restart them.
+        # Stored as tensors and numbers only, so checkpoints load with weights_only=True.
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            name, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
