@@ -18,13 +18,15 @@ def trainer_defaults() -> dict[str, Any]:
     """Trainer defaults every run gets: best and last checkpoints, summary, curves, loggers."""
     return {
         "callbacks": [
-            ModelCheckpoint(
+            ModelCheckpoint(  # the best epoch by validation accuracy
                 monitor="val/acc",
                 mode="max",
-                save_last=True,
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
             ),
+            # Every epoch, whatever the metric, for resuming: Lightning's own save_last only
+            # writes when a monitored checkpoint was saved at the same step.
+            ModelCheckpoint(filename="last", enable_version_counter=False),
             RunSummary(),
             TrainingCurves(),
         ],

@@ -172,9 +172,17 @@ class ImageFolderDataModule(_Loaders):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        self.table = read_table(csv, root, num_classes=num_classes)
+        self.csv, self.root, self._num_classes = csv, root, num_classes
         self.target_size, self.fill, self.mean, self.std = target_size, fill, mean, std
         self.fold, self.num_folds = fold, num_folds
+        self._table: ImageTable | None = None
+
+    @property
+    def table(self) -> ImageTable:
+        """The validated labels table, read on first use (so a config builds without data)."""
+        if self._table is None:
+            self._table = read_table(self.csv, self.root, num_classes=self._num_classes)
+        return self._table
 
     @property
     def num_classes(self) -> int:

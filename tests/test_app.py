@@ -1,0 +1,184 @@
+"""The training application through its command line: fit, validate, test, resume, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchgd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "ultramnist" / "patchgd_tiny.yaml"
+
+
+def _run_dir(base: Path, version: int = 0) -> Path:
+    return base / "runs" / "lightning_logs" / f"version_{version}"
+
+
+def test_fit_then_validate_test_from_the_saved_config_and_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY)]) == 0
+    run = _run_dir(tmp_path)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["best-epoch000.ckpt", "last.ckpt"] or "last.ckpt" in checkpoints
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "metrics.csv").exists() and (tmp_path / "runs" / "tensorboard").exists()
+    fit = json.loads((run / "summary.json").read_text())["fit"]
+    assert fit["epochs"] == 2 and len(fit["seconds_per_epoch"]) == 2
+    assert fit["final_metrics"]["lr"] == pytest.approx(0.5e-3)  # decayed to half by the end
+    assert 0.0 <= fit["best"]["score"] <= 1.0
+
+    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(last)]) == 0
+    assert main(["test", "--config", str(config), "--ckpt_path", str(last)]) == 0
+    assert "val/acc" in json.loads((_run_dir(tmp_path, 1) / "summary.json").read_text())["validate"]
+    test = json.loads((_run_dir(tmp_path, 2) / "summary.json").read_text())["test"]
+    assert set(test) == {"test/acc", "test/qwk", "test/loss"}
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--trainer.precision",
+                "bf16-mixed",
+                "--trainer.max_epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
+    fit = json.loads((_run_dir(tmp_path) / "summary.json").read_text())["fit"]
+    assert torch.isfinite(torch.tensor(fit["final_metrics"]["train/loss"]))
+
+
+def _fit(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patchgd.cli",
+            "fit",
+            "--config",
+            str(TINY),
+            "--trainer.max_epochs",
+            "3",
+            *extra,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_run_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    assert _fit(straight).returncode == 0
+
+    kill = killed / "kill.yaml"
+    kill.write_text(
+        "trainer:\n  callbacks:\n    - class_path: app_helpers.KillAt\n"
+        "      init_args: {epoch: 1, batch: 2}\n"
+    )
+    died = _fit(killed, "--config", str(kill))
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    last = _run_dir(killed) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # only epoch 0 was saved
+    resumed = _fit(killed, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = torch.load(_run_dir(straight) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(_run_dir(killed, 1) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["state_dict"][key]), key
+    summary_a = json.loads((_run_dir(straight) / "summary.json").read_text())["fit"]
+    summary_b = json.loads((_run_dir(killed, 1) / "summary.json").read_text())["fit"]
+    for name in ("val/acc", "val/qwk", "val/loss", "train/loss"):
+        assert summary_a["final_metrics"][name] == summary_b["final_metrics"][name], name
+
+
+def test_a_bad_inner_loop_fails_before_training_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--model.classifier.init_args.loop",
+            '{"inner_steps": 2, "accumulation": 3}',
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "accumulation (ε=3) is larger than inner_steps (ζ=2)" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
+def test_every_config_parses_and_builds_its_model(config, tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from patchgd.app.cli import trainer_defaults
+    from patchgd.app.task import PatchGDTask
+    from patchgd.model import Classifier
+
+    monkeypatch.chdir(tmp_path)
+    header = config.read_text().splitlines()[:6]
+    assert any(line.startswith("#   patchgd ") for line in header), "no command in the header"
+    cli = LightningCLI(
+        PatchGDTask,
+        None,
+        subclass_mode_data=True,
+        run=False,
+        trainer_defaults=trainer_defaults(),
+        args=["--config", str(config)],
+        auto_configure_optimizers=False,
+    )
+    assert isinstance(cli.model.classifier, Classifier)
+    assert cli.model.classifier.num_classes in (6, 10)
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch():
+    from patchgd.app.data import EpochShuffle
+
+    a, b = EpochShuffle(50, seed=3), EpochShuffle(50, seed=3)
+    orders = []
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        orders.append(list(a))
+    b.set_epoch(2)
+    assert list(b) == orders[2]  # a fresh sampler at epoch 2 == the one that ran 0, 1, 2
+    assert orders[0] != orders[1] != orders[2]
+    assert sorted(orders[0]) == list(range(50))
+
+
+def test_schedule_warms_up_from_zero_then_decays_linearly_to_the_final_fraction():
+    from patchgd.app.task import warmup_then_linear_decay as f
+
+    assert [f(s, 4, 12, 0.5) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]
+    assert f(8, 4, 12, 0.5) == pytest.approx(0.75) and f(12, 4, 12, 0.5) == 0.5
+    assert f(20, 4, 12, 0.5) == 0.5 and f(0, 0, 10, 0.5) == 1.0
