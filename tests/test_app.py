@@ -182,3 +182,65 @@ def test_schedule_warms_up_from_zero_then_decays_linearly_to_the_final_fraction(
     assert [f(s, 4, 12, 0.5) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]
     assert f(8, 4, 12, 0.5) == pytest.approx(0.75) and f(12, 4, 12, 0.5) == 0.5
     assert f(20, 4, 12, 0.5) == 0.5 and f(0, 0, 10, 0.5) == 1.0
+
+
+def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_path, monkeypatch):
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "ultramnist",
+                "--out",
+                "imgs",
+                "--size",
+                "64",
+                "--per-class",
+                "1",
+                "--val-per-class",
+                "1",
+                "--test-per-class",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    run = _run_dir(tmp_path)
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(run / "config.yaml"),
+                "--ckpt_path",
+                str(run / "checkpoints" / "last.ckpt"),
+                "--model.predict_heatmaps",
+                "true",
+                "--data",
+                "patchgd.app.data.PredictImagesDataModule",
+                "--data.inputs",
+                "[imgs/train/000003.png, imgs/val, broken.png]",
+                "--data.target_size",
+                "64",
+                "--data.keep_gray",
+                "true",
+            ]
+        )
+        == 0
+    )
+    out = _run_dir(tmp_path, 1)
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows] == ["imgs/train/000003.png"] + [
+        f"imgs/val/{i:06d}.png" for i in range(10)
+    ]  # the broken file is skipped
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in range(10)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert int(row["predicted"]) == max(range(10), key=probs.__getitem__)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 11

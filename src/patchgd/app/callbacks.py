@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .._io import atomic_write
@@ -138,4 +138,75 @@ class TrainingCurves(Callback):
         atomic_write(
             Path(trainer.log_dir) / "curves.png", lambda handle: fig.savefig(handle, format="png")
         )
+        plt.close(fig)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """After ``predict``: ``predictions.csv`` and, when asked, ``heatmaps/*.png`` in the run folder.
+
+    The CSV has one row per image: its id (the file, for ``PredictImagesDataModule``; the index
+    otherwise), the predicted class and the probability of every class. A heatmap shows the norm
+    of each patch's latent vector ``Z[:, r, c]`` over the image (like Figure 5 of the paper);
+    heatmaps come from ``patchgd predict ... --model.predict_heatmaps true`` with PatchGD.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Any,
+        batch_indices: Any,
+    ) -> None:
+        if not trainer.is_global_zero or not predictions:
+            return
+        out = Path(trainer.log_dir or ".")
+        probs = torch.cat([p["probs"] for p in predictions]).cpu()
+        ids = getattr(trainer.datamodule, "image_ids", None) or [str(i) for i in range(len(probs))]
+        header = ["image", "predicted"] + [f"prob_{c}" for c in range(probs.shape[1])]
+        lines = [",".join(header)] + [
+            ",".join([_csv_field(i), str(int(p.argmax()))] + [f"{v:.6f}" for v in p.tolist()])
+            for i, p in zip(ids, probs, strict=True)
+        ]
+        text = ("\n".join(lines) + "\n").encode()
+        atomic_write(out / "predictions.csv", lambda handle: handle.write(text))
+        if "patch_norm" in predictions[0]:
+            norms = torch.cat([p["patch_norm"] for p in predictions]).cpu()
+            dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
+            _write_heatmaps(out / "heatmaps", ids, norms, dataset)
+
+
+def _csv_field(value: str) -> str:
+    return f'"{value}"' if "," in value or '"' in value else value
+
+
+def _write_heatmaps(folder: Path, ids: list[str], norms: torch.Tensor, dataset: Any) -> None:
+    """One PNG per image: the image (when the dataset can give it) under its latent-norm map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (image_id, norm) in enumerate(zip(ids, norms, strict=True)):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        extent = None
+        if dataset is not None and hasattr(dataset, "read_resized"):
+            pixels = dataset.read_resized(index)
+            ax.imshow(pixels.squeeze(), cmap="gray" if pixels.shape[-1] == 1 else None)
+            extent = (0, pixels.shape[1], pixels.shape[0], 0)
+        shown = ax.imshow(
+            norm.numpy(),
+            cmap="magma",
+            alpha=0.55 if extent else 1.0,
+            extent=extent,
+            interpolation="nearest",
+        )
+        fig.colorbar(shown, ax=ax, fraction=0.046, label="|Z[:, r, c]|")
+        ax.set_title(Path(image_id).name, fontsize=9)
+        ax.axis("off")
+        name = f"{index:05d}_{Path(image_id).stem}.png"
+        atomic_write(folder / name, lambda handle, f=fig: f.savefig(handle, format="png", dpi=100))
         plt.close(fig)

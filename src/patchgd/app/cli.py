@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import RunSummary, TrainingCurves
+from .callbacks import PredictionWriter, RunSummary, TrainingCurves
 from .task import PatchGDTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -29,6 +29,7 @@ def trainer_defaults() -> dict[str, Any]:
             ModelCheckpoint(filename="last", enable_version_counter=False),
             RunSummary(),
             TrainingCurves(),
+            PredictionWriter(),
         ],
         "logger": [
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -11,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.dataset import LargeImageDataset
-from ..data.table import ImageTable, read_table, stratified_folds
+from ..data.table import DEFAULT_EXTENSIONS, ImageTable, TableItem, read_table, stratified_folds
 from ..data.ultramnist import UltraMNIST, UltraMNISTConfig
 from ..errors import ConfigError
 
@@ -200,3 +201,65 @@ class ImageFolderDataModule(_Loaders):
             self.datasets[split] = LargeImageDataset(
                 table, target_size=self.target_size, fill=self.fill, mean=self.mean, std=self.std
             )
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files as given; folders replaced by the images inside them (recursively, sorted)."""
+    paths: list[str] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            paths += sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(tuple(DEFAULT_EXTENSIONS))
+            )
+        else:
+            paths.append(str(path))  # a missing file is reported (and skipped) by the dataset
+    if not paths:
+        raise ConfigError(f"inputs={list(inputs)!r}: no image found")
+    return paths
+
+
+class PredictImagesDataModule(_Loaders):
+    """Images to classify, without labels: files and folders, in any format ``open_image`` reads.
+
+    Images are resized like ``ImageFolderDataModule`` (longest side ``target_size``, padded to a
+    square with ``fill``); use the training run's ``mean``/``std``. Unreadable files are skipped
+    and reported, one line each.
+    """
+
+    def __init__(
+        self,
+        inputs: list[str],
+        target_size: int = 512,
+        fill: Sequence[float] = (255.0, 255.0, 255.0),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        keep_gray: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed=0)
+        self.inputs, self.target_size, self.fill = inputs, target_size, fill
+        self.mean, self.std, self.keep_gray = mean, std, keep_gray
+
+    def setup(self, stage: str | None = None) -> None:
+        items = [TableItem(image_id=p, path=p, label=0) for p in expand_inputs(self.inputs)]
+        table = ImageTable(items=items, num_classes=1, source="inputs")
+        self.datasets["predict"] = LargeImageDataset(
+            table,
+            target_size=self.target_size,
+            fill=self.fill,
+            mean=self.mean,
+            std=self.std,
+            keep_gray=self.keep_gray,
+        )
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The images predicted, in prediction order (skipped files left out)."""
+        return [item.path for item in self.datasets["predict"].items]  # type: ignore[attr-defined]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
-from ..algorithm import StepHooks
+from ..algorithm import StepHooks, keep_modes
 from ..errors import ConfigError
 from ..model import Classifier, PatchGDClassifier
 
@@ -63,6 +65,8 @@ class PatchGDTask(L.LightningModule):
         final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
             last epoch (the paper: 0.5).
         channels_last: train in channels-last memory format.
+        predict_heatmaps: with PatchGD, ``predict`` also returns each patch's latent norm, which
+            the prediction writer draws over the image.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class PatchGDTask(L.LightningModule):
         warmup_epochs: float = 2.0,
         final_lr_fraction: float = 0.5,
         channels_last: bool = False,
+        predict_heatmaps: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0 or warmup_epochs < 0 or not 0 <= final_lr_fraction <= 1:
@@ -82,7 +87,10 @@ class PatchGDTask(L.LightningModule):
                 f"need lr > 0, warmup_epochs >= 0 and final_lr_fraction in [0, 1]; got lr={lr}, "
                 f"warmup_epochs={warmup_epochs}, final_lr_fraction={final_lr_fraction}"
             )
-        self.save_hyperparameters(ignore=["classifier"])
+        # predict_heatmaps is a prediction-time switch: kept out of the checkpoint's
+        # hyperparameters, which LightningCLI would otherwise re-apply over the command line.
+        self.save_hyperparameters(ignore=["classifier", "predict_heatmaps"])
+        self.predict_heatmaps = predict_heatmaps
         self.classifier = classifier
         self.automatic_optimization = False
         if channels_last:
@@ -128,7 +136,9 @@ class PatchGDTask(L.LightningModule):
             schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
 
         start = time.perf_counter()
-        hooks = StepHooks(backward=self.manual_backward, optimizer_step=optimizer_step)
+        hooks = StepHooks(
+            backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
+        )
         result = self.classifier.training_step(images, targets, optimizer, hooks=hooks)
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
@@ -140,6 +150,18 @@ class PatchGDTask(L.LightningModule):
             patches += batch_size * self.classifier.grid.num_patches  # the fill
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
         self.log("lr", schedule.get_last_lr()[0], batch_size=batch_size)
+
+    def _grad_sync(self, sync: bool) -> AbstractContextManager[object]:
+        """Under DDP, all-reduce gradients only in the inner iteration before an optimizer step.
+
+        Lightning prepares DDP's reducer in every ``manual_backward`` unless the wrapper is in
+        ``no_sync()``: inside it, gradients accumulate locally; the next synced backward reduces
+        the accumulated sum.
+        """
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        if sync or not isinstance(model, DistributedDataParallel):
+            return nullcontext()
+        return model.no_sync()
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute())
@@ -167,9 +189,16 @@ class PatchGDTask(L.LightningModule):
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0] if isinstance(batch, tuple | list) else batch
-        return self.classifier.predict_proba(self._to_memory_format(images))
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        images = self._to_memory_format(batch[0] if isinstance(batch, tuple | list) else batch)
+        classifier = self.classifier
+        if not (self.predict_heatmaps and isinstance(classifier, PatchGDClassifier)):
+            return {"probs": classifier.predict_proba(images)}
+        with keep_modes(classifier), torch.no_grad():
+            classifier.eval()
+            z = classifier.fill_z(images)  # fill once: both the head and the map read it
+            probs = classifier.head(z).float().softmax(dim=1)
+        return {"probs": probs, "patch_norm": z.float().norm(dim=1)}
 
     def _prepare(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         images, targets = batch

@@ -1,0 +1,116 @@
+"""DDP on the CPU (gloo, 2 processes): per-process batch B equals one process with batch 2B."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from patchgd import HeadConfig, InnerLoopConfig, PatchGDClassifier
+from patchgd.app.task import PatchGDTask
+
+# ddp_spawn pickles the module to its workers through shared memory; passing storages by file
+# name rather than by file descriptor works in sandboxes that restrict fd passing.
+torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class FixedData(L.LightningDataModule):
+    """Eight fixed images in a fixed order; under DDP rank r gets images r, r + 2, ..."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        generator = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(
+            torch.randn(8, 3, 64, 64, generator=generator), torch.arange(8) % 3
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Explicit, so each optimizer step's images are the same 2B images in both runs:
+        # rank 0 gets 0, 2, 4, 6 and rank 1 gets 1, 3, 5, 7, batch by batch.
+        world = self.trainer.world_size
+        sampler = DistributedSampler(self.data, world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(
+            self.data, batch_size=self.batch_size, sampler=sampler if world > 1 else None
+        )
+
+
+class SaveWeights(L.Callback):
+    """Saves rank 0's weights where they were trained (ddp_spawn's copy back to the parent
+    process would round float64 weights into the parent's float32 module)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(_floats(pl_module), self.path / f"rank{trainer.global_rank}.pt")
+
+
+def _train(devices: int, batch_size: int, accumulation: int | None, tmp_path) -> tuple:
+    torch.manual_seed(0)
+    classifier = PatchGDClassifier(
+        # No BatchNorm (GroupNorm backbone, no norm in the head) and no dropout: per-process
+        # batch statistics would otherwise differ from the single-process run's.
+        "test_efficientnet_gn",
+        3,
+        64,
+        32,
+        latent_dim=8,
+        head=HeadConfig(width=8, norm="none", dropout=0.0),
+        loop=InnerLoopConfig(patches_per_step=1, accumulation=accumulation),
+    ).double()
+    task = PatchGDTask(classifier, lr=1e-2, warmup_epochs=0)
+    initial = _floats(task)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    weights = tmp_path
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        max_epochs=1,
+        logger=False,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        precision="64-true",
+        callbacks=[SaveWeights(weights)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, datamodule=FixedData(batch_size))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    return initial, ranks
+
+
+def _floats(task: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone()
+        for k, v in task.state_dict().items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+
+
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
+    """ε = ζ and full coverage: the step's gradient is exact whatever patches each process
+    samples, so the two runs must agree."""
+    initial, (single,) = _train(1, 4, None, tmp_path / "single")
+    _, (rank0, rank1) = _train(2, 2, None, tmp_path / "ddp")
+    assert single.keys() == rank0.keys()
+    for key in single:
+        # A wrong sync or a wrong split of the batch moves weights apart by about a step (1e-2).
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-10, atol=1e-12)
+        assert torch.equal(rank0[key], rank1[key]), key
+    moved = [k for k in single if not torch.allclose(single[k], initial[k])]
+    assert len(moved) == len(single), "two optimizer steps should move every parameter"
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ranks_stay_identical_when_gradients_accumulate_between_syncs(accumulation, tmp_path):
+    """ε < ζ: inner iterations before a step run under no_sync; if their accumulated gradients
+    were not all-reduced at the step, the processes' weights would drift apart."""
+    initial, (rank0, rank1) = _train(2, 2, accumulation, tmp_path)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
