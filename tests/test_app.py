@@ -244,3 +244,56 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert int(row["predicted"]) == max(range(10), key=probs.__getitem__)
     assert len(list((out / "heatmaps").glob("*.png"))) == 11
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.lrr", "0.1"], "fit: unrecognized arguments: --model.lrr 0.1"),
+        (
+            ["--data.init_args.canvas_size", "96"],
+            "the data gives 96×96 px images but model.classifier was built for image_size=64×64",
+        ),
+        (
+            ["--model.classifier.init_args.num_classes", "6"],
+            "the data has 10 classes but model.classifier num_classes=6",
+        ),
+        (
+            ["--model.classifier.init_args.patch_size", "128"],
+            "patch_size=128 is larger than the image (64×64 px)",
+        ),
+    ],
+)
+def test_wrong_configs_fail_before_training_in_one_line(
+    args, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_checkpoint_from_a_different_model_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1"]) == 0
+    last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY),
+                "--model.classifier.init_args.latent_dim",
+                "32",
+                "--ckpt_path",
+                str(last),
+            ]
+        )
+        == 2
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
+    assert len(err) == 1
+    assert "the checkpoint was saved from a different model" in err[0]
+    assert "classifier.encoder.proj.bias is (16,) there, (32,) here" in err[0]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from ..errors import ConfigError
 from .callbacks import PredictionWriter, RunSummary, TrainingCurves
 from .task import PatchGDTask
 
@@ -47,13 +50,25 @@ def trainer_defaults() -> dict[str, Any]:
 
 
 def run_lightning(argv: Sequence[str]) -> LightningCLI:
-    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/x.yaml"]``."""
-    return LightningCLI(
-        PatchGDTask,
-        None,  # any LightningDataModule, chosen by class_path in the config
-        subclass_mode_data=True,
-        trainer_defaults=trainer_defaults(),
-        save_config_kwargs={"overwrite": True},
-        args=list(argv),
-        auto_configure_optimizers=False,
-    )
+    """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/x.yaml"]``.
+
+    A config that does not parse (an unknown key, a wrong type) raises :class:`ConfigError`
+    with jsonargparse's one-line reason instead of printing the whole usage.
+    """
+    with warnings.catch_warnings():
+        # `patchgd` forwards its own argv as `args`; Lightning warns when both are present.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            return LightningCLI(
+                PatchGDTask,
+                None,  # any LightningDataModule, chosen by class_path in the config
+                subclass_mode_data=True,
+                trainer_defaults=trainer_defaults(),
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"exit_on_error": False},
+                args=list(argv),
+                auto_configure_optimizers=False,
+            )
+        except ArgumentError as err:
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"{argv[0]}: {reason} (see `patchgd {argv[0]} --help`)") from err

@@ -129,6 +129,10 @@ class UltraMNISTDataModule(_Loaders):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.config.canvas_size, self.config.canvas_size)
+
     def setup(self, stage: str | None = None) -> None:
         for split, per_class in self.sizes.items():
             data: Dataset = UltraMNIST(
@@ -188,6 +192,10 @@ class ImageFolderDataModule(_Loaders):
     @property
     def num_classes(self) -> int:
         return self.table.num_classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.target_size, self.target_size)
 
     def _splits(self) -> dict[str, ImageTable]:
         if any(item.split is not None for item in self.table.items):
@@ -255,6 +263,10 @@ class PredictImagesDataModule(_Loaders):
             std=self.std,
             keep_gray=self.keep_gray,
         )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.target_size, self.target_size)
 
     @property
     def image_ids(self) -> list[str]:

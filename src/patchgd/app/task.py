@@ -100,6 +100,26 @@ class PatchGDTask(L.LightningModule):
         self.val_metrics = _metrics(n, "val/")
         self.test_metrics = _metrics(n, "test/")
 
+    # -- checks before any work -------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse data that does not fit the model, before the first batch."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is None:
+            return
+        classes = getattr(data, "num_classes", None)
+        if stage != "predict" and classes is not None and classes != self.classifier.num_classes:
+            raise ConfigError(
+                f"the data has {classes} classes but model.classifier num_classes="
+                f"{self.classifier.num_classes}"
+            )
+        size = getattr(data, "image_size", None)
+        built_for = _built_for(self.classifier)
+        if size is not None and tuple(size) != built_for:
+            raise ConfigError(
+                f"the data gives {size[0]}×{size[1]} px images but model.classifier was built for "
+                f"image_size={built_for[0]}×{built_for[1]}"
+            )
+
     # -- optimisation -------------------------------------------------------------------
     @property
     def steps_per_batch(self) -> int:
@@ -222,9 +242,36 @@ class PatchGDTask(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
         states = checkpoint.get("rng_states")
         if states is not None:
             torch.set_rng_state(states["torch"])
             name, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
+
+
+def _built_for(classifier: Classifier) -> tuple[int, int]:
+    """The image size a classifier takes as input."""
+    if isinstance(classifier, PatchGDClassifier):
+        return classifier.grid.image_size
+    return tuple(getattr(classifier, "source_size", None) or classifier.image_size)  # type: ignore[return-value]
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` when a checkpoint's weights do not fit this model."""
+    shape = lambda v: tuple(v.shape) if isinstance(v, Tensor) else None  # noqa: E731
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    differ = sorted(k for k in set(saved) & set(current) if shape(saved[k]) != shape(current[k]))
+    if missing or unexpected or differ:
+        example = (
+            f"{differ[0]} is {shape(saved[differ[0]])} there, {shape(current[differ[0]])} here"
+            if differ
+            else f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}"
+        )
+        raise ConfigError(
+            f"the checkpoint was saved from a different model: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(differ)} differently shaped weights "
+            f"(e.g. {example})"
+        )
