@@ -56,3 +56,22 @@ def spy_levels(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(TiffSource, "_read_pixels", spy)
     return levels_read
+
+
+def tiny_ultramnist_args(out) -> list[str]:
+    """``patchgd`` arguments that write a 64 px UltraMNIST, one image per class and split."""
+    return [
+        "data",
+        "ultramnist",
+        "--out",
+        str(out),
+        "--size",
+        "64",
+        "--per-class",
+        "1",
+        "--val-per-class",
+        "1",
+        "--test-per-class",
+        "1",
+        "--quiet",
+    ]

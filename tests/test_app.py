@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from images import tiny_ultramnist_args
 from patchgd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,26 +190,7 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
 
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(TINY), "--trainer.max_epochs", "1"]) == 0
-    assert (
-        main(
-            [
-                "data",
-                "ultramnist",
-                "--out",
-                "imgs",
-                "--size",
-                "64",
-                "--per-class",
-                "1",
-                "--val-per-class",
-                "1",
-                "--test-per-class",
-                "1",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_ultramnist_args("imgs")) == 0
     (tmp_path / "broken.png").write_bytes(b"not an image")
     run = _run_dir(tmp_path)
     assert (

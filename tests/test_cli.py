@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from images import tiny_ultramnist_args
 from patchgd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,23 +98,7 @@ def test_data_prepare_and_stats_on_a_generated_set(tmp_path, capsys):
     from PIL import Image
 
     um = tmp_path / "um"
-    main(
-        [
-            "data",
-            "ultramnist",
-            "--out",
-            str(um),
-            "--size",
-            "64",
-            "--per-class",
-            "1",
-            "--val-per-class",
-            "1",
-            "--test-per-class",
-            "1",
-            "--quiet",
-        ]
-    )
+    main(tiny_ultramnist_args(str(um)))
     capsys.readouterr()
     assert (
         main(
