@@ -114,3 +114,34 @@ def test_ranks_stay_identical_when_gradients_accumulate_between_syncs(accumulati
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
+
+
+def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, monkeypatch):
+    """The run-folder callbacks read trainer.log_dir, which broadcasts: every rank must call it."""
+    import json
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from patchgd.app.callbacks import RunSummary, TrainingCurves
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    classifier = PatchGDClassifier(
+        "test_efficientnet_gn", 3, 64, 32, latent_dim=8, head=HeadConfig(width=8, norm="none")
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=CSVLogger(tmp_path / "runs"),
+        callbacks=[RunSummary(), TrainingCurves()],
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(PatchGDTask(classifier, warmup_epochs=0), datamodule=FixedData(2))
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
+    assert (run / "curves.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import resource
 import sys
@@ -38,6 +39,15 @@ def peak_memory_bytes() -> dict[str, int]:
     return peaks
 
 
+def _run_folder(trainer: L.Trainer) -> Path | None:
+    """The run folder on rank 0, ``None`` elsewhere or without a logger.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must read it, not only rank 0.
+    """
+    log_dir = trainer.log_dir
+    return Path(log_dir) if trainer.is_global_zero and log_dir is not None else None
+
+
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
 
@@ -65,9 +75,10 @@ class RunSummary(Callback):
         self.epoch_seconds.append(time.perf_counter() - self._start)
 
     def _update(self, trainer: L.Trainer, key: str, payload: dict[str, Any]) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = _run_folder(trainer)
+        if log_dir is None:
             return
-        path = Path(trainer.log_dir) / "summary.json"
+        path = log_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary[key] = payload
         summary["peak_memory_bytes"] = peak_memory_bytes()
@@ -109,9 +120,10 @@ class TrainingCurves(Callback):
     """At the end of ``fit``, plots the CSV logger's loss and accuracy curves to ``curves.png``."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = _run_folder(trainer)
+        if log_dir is None:
             return
-        metrics_csv = Path(trainer.log_dir) / "metrics.csv"
+        metrics_csv = log_dir / "metrics.csv"
         if not metrics_csv.exists():
             return
         import matplotlib
@@ -135,9 +147,7 @@ class TrainingCurves(Callback):
             ax.set_title(title)
             ax.legend()
         fig.tight_layout()
-        atomic_write(
-            Path(trainer.log_dir) / "curves.png", lambda handle: fig.savefig(handle, format="png")
-        )
+        atomic_write(log_dir / "curves.png", lambda handle: fig.savefig(handle, format="png"))
         plt.close(fig)
 
 
@@ -160,30 +170,34 @@ class PredictionWriter(BasePredictionWriter):
         predictions: Any,
         batch_indices: Any,
     ) -> None:
+        log_dir = trainer.log_dir  # read on every rank: it broadcasts
         if not trainer.is_global_zero or not predictions:
             return
-        out = Path(trainer.log_dir or ".")
+        out = Path(log_dir or ".")
         probs = torch.cat([p["probs"] for p in predictions]).cpu()
         ids = getattr(trainer.datamodule, "image_ids", None) or [str(i) for i in range(len(probs))]
-        header = ["image", "predicted"] + [f"prob_{c}" for c in range(probs.shape[1])]
-        lines = [",".join(header)] + [
-            ",".join([_csv_field(i), str(int(p.argmax()))] + [f"{v:.6f}" for v in p.tolist()])
-            for i, p in zip(ids, probs, strict=True)
-        ]
-        text = ("\n".join(lines) + "\n").encode()
-        atomic_write(out / "predictions.csv", lambda handle: handle.write(text))
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["image", "predicted"] + [f"prob_{c}" for c in range(probs.shape[1])])
+        for image_id, p in zip(ids, probs, strict=True):
+            writer.writerow([image_id, int(p.argmax())] + [f"{v:.6f}" for v in p.tolist()])
+        payload = text.getvalue().encode()
+        atomic_write(out / "predictions.csv", lambda handle: handle.write(payload))
         if "patch_norm" in predictions[0]:
             norms = torch.cat([p["patch_norm"] for p in predictions]).cpu()
             dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
-            _write_heatmaps(out / "heatmaps", ids, norms, dataset)
+            grid = getattr(pl_module.classifier, "grid", None)
+            _write_heatmaps(out / "heatmaps", ids, norms, dataset, grid)
 
 
-def _csv_field(value: str) -> str:
-    return f'"{value}"' if "," in value or '"' in value else value
+def _write_heatmaps(
+    folder: Path, ids: list[str], norms: torch.Tensor, dataset: Any, grid: Any
+) -> None:
+    """One PNG per image: the image (when the dataset can give it) under its latent-norm map.
 
-
-def _write_heatmaps(folder: Path, ids: list[str], norms: torch.Tensor, dataset: Any) -> None:
-    """One PNG per image: the image (when the dataset can give it) under its latent-norm map."""
+    Cells are placed at the grid's stride from the top-left, as the patches are; cells over the
+    padding fall outside the image's frame.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,18 +206,22 @@ def _write_heatmaps(folder: Path, ids: list[str], norms: torch.Tensor, dataset: 
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image_id, norm) in enumerate(zip(ids, norms, strict=True)):
         fig, ax = plt.subplots(figsize=(5, 5))
-        extent = None
+        pixels = None
         if dataset is not None and hasattr(dataset, "read_resized"):
             pixels = dataset.read_resized(index)
             ax.imshow(pixels.squeeze(), cmap="gray" if pixels.shape[-1] == 1 else None)
-            extent = (0, pixels.shape[1], pixels.shape[0], 0)
+        rows, cols = norm.shape
+        step = grid.step if grid is not None else 1
         shown = ax.imshow(
             norm.numpy(),
             cmap="magma",
-            alpha=0.55 if extent else 1.0,
-            extent=extent,
+            alpha=0.55 if pixels is not None else 1.0,
+            extent=(0, cols * step, rows * step, 0),
             interpolation="nearest",
         )
+        if pixels is not None:
+            ax.set_xlim(0, pixels.shape[1])
+            ax.set_ylim(pixels.shape[0], 0)
         fig.colorbar(shown, ax=ax, fraction=0.046, label="|Z[:, r, c]|")
         ax.set_title(Path(image_id).name, fontsize=9)
         ax.axis("off")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,7 +30,9 @@ def trainer_defaults() -> dict[str, Any]:
             ),
             # Every epoch, whatever the metric, for resuming: Lightning's own save_last only
             # writes when a monitored checkpoint was saved at the same step.
-            ModelCheckpoint(filename="last", enable_version_counter=False),
+            ModelCheckpoint(
+                filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+            ),
             RunSummary(),
             TrainingCurves(),
             PredictionWriter(),
@@ -72,3 +75,5 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
         except ArgumentError as err:
             reason = " ".join(str(err).split())
             raise ConfigError(f"{argv[0]}: {reason} (see `patchgd {argv[0]} --help`)") from err
+        except MisconfigurationException as err:  # Lightning's own refusals of trainer options
+            raise ConfigError(" ".join(str(err).split())) from err

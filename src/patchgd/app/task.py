@@ -104,6 +104,11 @@ class PatchGDTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse data that does not fit the model, before the first batch."""
         data = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "predict" and self.trainer.world_size > 1:
+            raise ConfigError(
+                "predict runs in one process (its CSV lists images in order); "
+                "use --trainer.devices 1"
+            )
         if data is None:
             return
         classes = getattr(data, "num_classes", None)
@@ -135,22 +140,40 @@ class PatchGDTask(L.LightningModule):
         else:
             groups = [{"params": list(self.classifier.parameters()), "lr": hp.lr}]
         optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
-        batches = self.trainer.estimated_stepping_batches  # batches over the whole run
-        epochs = max(1, self.trainer.max_epochs or 1)
-        total = int(batches) * self.steps_per_batch
-        warmup = round(hp.warmup_epochs * total / epochs)
+        warmup, total = self._schedule_length()
+        # LambdaLR gives optimizer step i (0-based) the factor of i + 1: the first step already
+        # moves (1/warmup of the peak) and the last one runs at exactly final_lr_fraction.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_then_linear_decay(step, warmup, total, hp.final_lr_fraction),
+            lambda i: warmup_then_linear_decay(i + 1, warmup, total, hp.final_lr_fraction),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """Warm-up and total length of the run, in optimizer steps."""
+        trainer, per_batch = self.trainer, self.steps_per_batch
+        batches = int(trainer.estimated_stepping_batches)  # also sets num_training_batches
+        # Under manual optimisation max_steps counts optimizer steps, not batches.
+        total = trainer.max_steps if trainer.max_steps > 0 else batches * per_batch
+        per_epoch = trainer.num_training_batches * per_batch
+        warmup = round(self.hparams.warmup_epochs * per_epoch)
+        if 0 < total <= warmup:
+            raise ConfigError(
+                f"warmup_epochs={self.hparams.warmup_epochs} ({warmup} optimizer steps) is not "
+                f"shorter than the run ({total} optimizer steps); lower model.warmup_epochs or "
+                "train longer"
+            )
+        return warmup, total
 
     # -- steps --------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = self._prepare(batch)
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
 
+        applied_lr: list[float] = []
+
         def optimizer_step() -> None:
+            applied_lr.append(schedule.get_last_lr()[0])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
@@ -163,13 +186,20 @@ class PatchGDTask(L.LightningModule):
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
         self.train_metrics.update(result.logits.float(), targets)
-        self.log("train/loss", result.loss, prog_bar=True, on_epoch=True, batch_size=batch_size)
+        self.log(
+            "train/loss",
+            result.loss,
+            prog_bar=True,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
         self.log("train/images_per_s", batch_size / seconds, prog_bar=True, batch_size=batch_size)
         if isinstance(self.classifier, PatchGDClassifier):
             patches = sum(int((p >= 0).sum()) for p in result.plan)
             patches += batch_size * self.classifier.grid.num_patches  # the fill
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
-        self.log("lr", schedule.get_last_lr()[0], batch_size=batch_size)
+        self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
 
     def _grad_sync(self, sync: bool) -> AbstractContextManager[object]:
         """Under DDP, all-reduce gradients only in the inner iteration before an optimizer step.
@@ -192,7 +222,12 @@ class PatchGDTask(L.LightningModule):
     ) -> None:
         images, targets = self._prepare(batch)
         logits = self.classifier(images).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), batch_size=targets.shape[0])
+        self.log(
+            f"{stage}/loss",
+            F.cross_entropy(logits, targets),
+            batch_size=targets.shape[0],
+            sync_dist=True,
+        )
         metrics.update(logits, targets)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -239,6 +274,7 @@ class PatchGDTask(L.LightningModule):
             "torch": torch.get_rng_state(),
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -249,6 +285,8 @@ class PatchGDTask(L.LightningModule):
             name, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
+            if states.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _built_for(classifier: Classifier) -> tuple[int, int]:

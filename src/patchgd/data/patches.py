@@ -120,7 +120,10 @@ class SourcePatches:
     def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
         total = self.batch_size * self.reader.grid.num_patches
         dataset = _ChunkDataset(self.reader, balanced_chunks(total, chunk))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        # Its own generator: drawing worker seeds from the global stream would shift dropout.
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, generator=torch.Generator()
+        )
         for ids, patches in loader:
             yield ids, self._to_tensor(patches)
 
