@@ -17,6 +17,16 @@ from patchgd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "ultramnist" / "patchgd_tiny.yaml"
+# One epoch of the tiny config: the warm-up must be shorter than the run.
+ONE_EPOCH = [
+    "fit",
+    "--config",
+    str(TINY),
+    "--trainer.max_epochs",
+    "1",
+    "--model.warmup_epochs",
+    "0.4",
+]
 
 
 def _run_dir(base: Path, version: int = 0) -> Path:
@@ -47,22 +57,7 @@ def test_fit_then_validate_test_from_the_saved_config_and_checkpoint(tmp_path, m
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert (
-        main(
-            [
-                "fit",
-                "--config",
-                str(TINY),
-                "--trainer.precision",
-                "bf16-mixed",
-                "--trainer.max_epochs",
-                "1",
-                "--model.warmup_epochs",
-                "0.4",
-            ]
-        )
-        == 0
-    )
+    assert main([*ONE_EPOCH, "--trainer.precision", "bf16-mixed"]) == 0
     fit = json.loads((_run_dir(tmp_path) / "summary.json").read_text())["fit"]
     assert torch.isfinite(torch.tensor(fit["final_metrics"]["train/loss"]))
 
@@ -200,20 +195,7 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
     import csv
 
     monkeypatch.chdir(tmp_path)
-    assert (
-        main(
-            [
-                "fit",
-                "--config",
-                str(TINY),
-                "--trainer.max_epochs",
-                "1",
-                "--model.warmup_epochs",
-                "0.4",
-            ]
-        )
-        == 0
-    )
+    assert main(ONE_EPOCH) == 0
     assert main(tiny_ultramnist_args("imgs")) == 0
     (tmp_path / "broken.png").write_bytes(b"not an image")
     run = _run_dir(tmp_path)
@@ -282,20 +264,7 @@ def test_wrong_configs_fail_before_training_in_one_line(
 
 def test_a_checkpoint_from_a_different_model_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert (
-        main(
-            [
-                "fit",
-                "--config",
-                str(TINY),
-                "--trainer.max_epochs",
-                "1",
-                "--model.warmup_epochs",
-                "0.4",
-            ]
-        )
-        == 0
-    )
+    assert main(ONE_EPOCH) == 0
     last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     assert (
