@@ -145,3 +145,63 @@ def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, mo
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
     assert (run / "curves.png").exists()
+
+
+class CountAllReduces(L.Callback):
+    """Counts DDP's gradient all-reduces (one per bucket per synced backward) on each rank."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.calls = 0
+
+        def counting_hook(state, bucket):
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counting_hook)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.path / f"calls{trainer.global_rank}.txt").write_text(str(self.calls))
+
+
+def _count_all_reduces(accumulation: int | None, tmp_path) -> int:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    classifier = PatchGDClassifier(
+        "test_efficientnet_gn",
+        3,
+        64,
+        32,
+        latent_dim=8,
+        head=HeadConfig(width=8, norm="none"),
+        loop=InnerLoopConfig(patches_per_step=1, accumulation=accumulation),  # ζ = 4
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        callbacks=[CountAllReduces(tmp_path)],
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(PatchGDTask(classifier, warmup_epochs=0), datamodule=FixedData(2))
+    counts = {int((tmp_path / f"calls{r}.txt").read_text()) for r in range(2)}
+    assert len(counts) == 1
+    return counts.pop()
+
+
+def test_gradients_are_all_reduced_once_per_optimizer_step_not_per_inner_iteration(tmp_path):
+    """2 batches per rank, ζ = 4 inner iterations: ε = 4, 2, 1 make 1, 2, 4 optimizer steps per
+    batch, and the all-reduces must scale with the steps (not stay at 4 per batch)."""
+    per_step = {eps: _count_all_reduces(eps, tmp_path / str(eps)) for eps in (4, 2, 1)}
+    buckets = per_step[4] // 2  # 2 batches × 1 step
+    assert buckets >= 1 and per_step[4] == 2 * buckets
+    assert per_step[2] == 4 * buckets and per_step[1] == 8 * buckets
