@@ -356,3 +356,94 @@ def test_options_lightning_or_the_schedule_refuse_fail_in_one_line(
     assert main(["fit", "--config", str(TINY), *args]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
     assert len(err) == 1 and message in err[0]
+
+
+def test_lazy_slides_train_through_the_command_line(tmp_path, monkeypatch):
+    """CSV + pyramidal TIFFs, read patch by patch (mode: lazy) with tissue masks."""
+    import numpy as np
+
+    from images import smooth_rgb, write_pyramid
+
+    monkeypatch.chdir(tmp_path)
+    rows = ["image_id,label,split"]
+    for i, split in enumerate(["train"] * 4 + ["val", "test"]):
+        h, w = 120 + 10 * i, 150 - 8 * i
+        slide = np.full((h, w, 3), 235, np.uint8)
+        slide[20:90, 30:100] = smooth_rgb(70, 70, seed=i)
+        write_pyramid(tmp_path / f"s{i}.tif", slide, n_levels=2, tile=32, photometric="rgb")
+        rows.append(f"s{i},{i % 2},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "lazy.yaml"
+    config.write_text(f"""
+trainer: {{max_epochs: 2, accelerator: cpu, deterministic: true}}
+model:
+  classifier:
+    class_path: patchgd.PatchGDClassifier
+    init_args:
+      backbone: test_resnet
+      num_classes: 2
+      image_size: [192, 192]
+      patch_size: 32
+      latent_dim: 8
+      head: {{width: 8}}
+      loop: {{patches_per_step: 4}}
+  warmup_epochs: 0.5
+data:
+  class_path: patchgd.app.data.ImageFolderDataModule
+  init_args:
+    csv: {tmp_path / "labels.csv"}
+    mode: lazy
+    level: 0
+    canvas: [192, 192]
+    tissue_masks: true
+    tissue_cache: {tmp_path / "masks"}
+    reader_workers: 1
+    batch_size: 2
+""")
+    assert main(["fit", "--config", str(config)]) == 0
+    run = _run_dir(tmp_path)
+    fit = json.loads((run / "summary.json").read_text())["fit"]
+    assert fit["epochs"] == 2 and 0.0 <= fit["final_metrics"]["val/acc"] <= 1.0
+    # one cached mask per training slide: only training samples patches
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 4
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                str(run / "config.yaml"),
+                "--ckpt_path",
+                str(run / "checkpoints" / "last.ckpt"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from images import smooth_rgb, write_pyramid
+
+    monkeypatch.chdir(tmp_path)
+    write_pyramid(tmp_path / "a.tif", smooth_rgb(100, 130), n_levels=1, tile=32, photometric="rgb")
+    (tmp_path / "labels.csv").write_text("image_id,label\na,0\na2,1\n")
+    (tmp_path / "a2.tif").write_bytes((tmp_path / "a.tif").read_bytes())
+    rc = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            "--data",
+            "patchgd.app.data.ImageFolderDataModule",
+            "--data.csv",
+            str(tmp_path / "labels.csv"),
+            "--data.mode",
+            "lazy",
+            "--data.num_folds",
+            "2",
+            "--model.classifier.init_args.num_classes",
+            "2",
+        ]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
+    assert rc == 2 and len(err) == 1
+    assert "the data gives 100×130 px images but model.classifier was built for" in err[0]

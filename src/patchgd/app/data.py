@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -12,9 +12,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.dataset import LargeImageDataset
+from ..data.lazy import LazyImage
+from ..data.patches import SourcePatches, collate_lazy
 from ..data.table import DEFAULT_EXTENSIONS, ImageTable, TableItem, read_table, stratified_folds
+from ..data.tissue import TissueMasks
 from ..data.ultramnist import UltraMNIST, UltraMNISTConfig
 from ..errors import ConfigError
+from ..grid import PatchGrid
 
 
 class _Normalized(Dataset):
@@ -77,7 +81,12 @@ class _Loaders(L.LightningDataModule):
             # Its own generator: a loader must not draw its base seed from the global stream,
             # or an extra pass (a resumed run's sanity check) would shift dropout's randomness.
             generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=self._collate(),
         )
+
+    def _collate(self) -> Any:
+        """The DataLoaders' ``collate_fn`` (``None``: PyTorch's default)."""
+        return None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -146,7 +155,7 @@ class UltraMNISTDataModule(_Loaders):
 
 
 class ImageFolderDataModule(_Loaders):
-    """Images listed in a labels CSV, resized as in the paper (``LargeImageDataset``).
+    """Images listed in a labels CSV: resized as in the paper, or read patch by patch from disk.
 
     The CSV's ``split`` column (train/val/test) chooses the splits; without one, ``fold``
     selects the validation fold of a stratified ``num_folds``-fold split of the rows (PANDA's
@@ -159,6 +168,15 @@ class ImageFolderDataModule(_Loaders):
         num_classes: classes (default: from the labels).
         mean, std: per-channel normalisation (``patchgd data stats``).
         fold, num_folds: cross-validation when the CSV has no split column.
+        mode: ``"resize"`` (the paper's preparation, tensors) or ``"lazy"``: nothing is decoded
+            up front; PatchGD reads each patch from the pyramid ``level`` (or the level for
+            ``mpp``) when it needs it, so images of any size train in bounded memory.
+        level, mpp: lazy mode's pyramid level, or its microns per pixel.
+        canvas: lazy mode's common ``[height, width]``, equal to the model's ``image_size``;
+            images sit at its top-left, padded with ``fill``. Default: the largest image.
+        reader_workers: lazy mode: DataLoader workers reading the fill's patches.
+        tissue_masks: lazy mode: sample only tissue patches (Otsu on thumbnail saturation);
+            masks are cached in ``tissue_cache`` when given.
     """
 
     def __init__(
@@ -175,8 +193,22 @@ class ImageFolderDataModule(_Loaders):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        mode: Literal["resize", "lazy"] = "resize",
+        level: int | None = None,
+        mpp: float | None = None,
+        canvas: tuple[int, int] | None = None,
+        reader_workers: int = 0,
+        tissue_masks: bool = False,
+        tissue_cache: str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        if mode not in ("resize", "lazy"):
+            raise ConfigError(f"mode must be 'resize' or 'lazy', got {mode!r}")
+        if mode == "resize" and (level is not None or mpp is not None or tissue_masks):
+            raise ConfigError("level, mpp and tissue_masks are lazy-mode options; set mode: lazy")
+        self.mode, self.level, self.mpp, self._canvas = mode, level, mpp, canvas
+        self.reader_workers = reader_workers
+        self.masks = TissueMasks(tissue_cache) if tissue_masks else None
         self.csv, self.root, self._num_classes = csv, root, num_classes
         self.target_size, self.fill, self.mean, self.std = target_size, fill, mean, std
         self.fold, self.num_folds = fold, num_folds
@@ -195,7 +227,32 @@ class ImageFolderDataModule(_Loaders):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (self.target_size, self.target_size)
+        if self.mode == "resize":
+            return (self.target_size, self.target_size)
+        if self._canvas is None:  # the largest image at its level, found from the headers
+            self._canvas = self._lazy(self.table, canvas=None).canvas
+        return tuple(self._canvas)  # type: ignore[return-value]
+
+    def _lazy(self, table: ImageTable, canvas: tuple[int, int] | None) -> LargeImageDataset:
+        level_choice = {"level": self.level, "mpp": self.mpp}
+        if self.level is None and self.mpp is None:
+            level_choice = {"level": 0}
+        return LargeImageDataset(table, mode="lazy", fill=self.fill, canvas=canvas, **level_choice)
+
+    def patch_provider(self, images: list[LazyImage], grid: PatchGrid, device: torch.device):
+        """The batch's patches, read from disk on demand (lazy mode)."""
+        return SourcePatches(
+            images,
+            grid,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+            num_workers=self.reader_workers,
+        )
+
+    def candidates(self, images: list[LazyImage], grid: PatchGrid) -> Tensor | None:
+        """Per image, the tissue patches the sampler may visit (``None``: every patch)."""
+        return None if self.masks is None else self.masks.candidates_batch(images, grid)
 
     def _splits(self) -> dict[str, ImageTable]:
         if any(item.split is not None for item in self.table.items):
@@ -206,9 +263,19 @@ class ImageFolderDataModule(_Loaders):
 
     def setup(self, stage: str | None = None) -> None:
         for split, table in self._splits().items():
-            self.datasets[split] = LargeImageDataset(
-                table, target_size=self.target_size, fill=self.fill, mean=self.mean, std=self.std
-            )
+            if self.mode == "lazy":
+                self.datasets[split] = self._lazy(table, canvas=self.image_size)
+            else:
+                self.datasets[split] = LargeImageDataset(
+                    table,
+                    target_size=self.target_size,
+                    fill=self.fill,
+                    mean=self.mean,
+                    std=self.std,
+                )
+
+    def _collate(self) -> Any:
+        return collate_lazy if self.mode == "lazy" else None  # LazyImage records: a list
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:

@@ -178,11 +178,15 @@ class PatchGDTask(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
 
+        candidates = None
+        if isinstance(batch[0], list):  # lazy images: the sampler may skip background
+            candidates = self.trainer.datamodule.candidates(batch[0], self.classifier.grid)
         start = time.perf_counter()
         hooks = StepHooks(
             backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
         )
-        result = self.classifier.training_step(images, targets, optimizer, hooks=hooks)
+        extra = {} if candidates is None else {"candidates": candidates}
+        result = self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
         self.train_metrics.update(result.logits.float(), targets)
@@ -255,8 +259,21 @@ class PatchGDTask(L.LightningModule):
             probs = classifier.head(z).float().softmax(dim=1)
         return {"probs": probs, "patch_norm": z.float().norm(dim=1)}
 
-    def _prepare(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        if isinstance(batch, tuple | list) and isinstance(batch[0], list):
+            # LazyImage records stay on the host: their patches reach the device when read.
+            return batch[0], batch[1].to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _prepare(self, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
         images, targets = batch
+        if isinstance(images, list):  # LazyImage records: read patches from disk on demand
+            if not isinstance(self.classifier, PatchGDClassifier):
+                raise ConfigError("lazily read images (data mode: lazy) need PatchGDClassifier")
+            grid = self.classifier.grid
+            return self.trainer.datamodule.patch_provider(images, grid, self.device), targets
         return self._to_memory_format(images), targets
 
     def _to_memory_format(self, images: Tensor) -> Tensor:
