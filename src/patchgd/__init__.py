@@ -39,6 +39,7 @@ _EXPORTS = {
     "encoder": ["PatchEncoder"],
     "grid": ["PatchGrid"],
     "head": ["HeadConfig", "LatentHead"],
+    "memory": ["MemoryReport", "measure"],
     "model": ["Classifier", "PatchGDClassifier"],
     "patches": ["PatchProvider", "TensorPatches", "as_patches"],
     "sampler": ["PatchSampler", "RandomPatchSampler", "SamplePlan"],
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .encoder import PatchEncoder
     from .grid import PatchGrid
     from .head import HeadConfig, LatentHead
+    from .memory import MemoryReport, measure
     from .model import Classifier, PatchGDClassifier
     from .patches import PatchProvider, TensorPatches, as_patches
     from .sampler import PatchSampler, RandomPatchSampler, SamplePlan

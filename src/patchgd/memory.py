@@ -1,0 +1,118 @@
+"""One memory probe for a training or inference step, on the CPU and on CUDA.
+
+:func:`measure` runs a callable and reports what it needed:
+
+- ``tensor_bytes``: the peak of tensor memory allocated during the call, above what was live
+  before it. On CUDA this is the caching allocator's peak (``torch.cuda.max_memory_allocated``).
+  On the CPU, where PyTorch keeps no allocator statistics, a dispatch mode watches every
+  tensor an operation creates and counts its storage until the storage is freed. This is
+  allocations made in this thread (on the CPU the autograd engine runs backward in the calling
+  thread too).
+- ``rss_bytes``: the process's peak resident memory during the call (Linux: ``VmHWM`` after
+  resetting it through ``/proc/self/clear_refs``), which includes the interpreter, libraries and
+  allocator slack; ``None`` where the kernel does not offer the reset.
+
+Memory that was live before the call (weights, optimizer state from earlier steps, the batch)
+is not in ``tensor_bytes``; tensors the call creates and keeps (new optimizer state,
+gradients) are.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+T = TypeVar("T")
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What one call needed; see the module docstring for the exact meaning of each figure."""
+
+    tensor_bytes: int
+    rss_bytes: int | None
+    device: str
+
+    def __str__(self) -> str:
+        rss = "n/a" if self.rss_bytes is None else f"{self.rss_bytes / 2**20:.1f} MiB"
+        return f"peak tensors {self.tensor_bytes / 2**20:.1f} MiB ({self.device}), peak RSS {rss}"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of CPU tensor storages created inside the mode while they are alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata  # the C++ storage: views and in-place results share it
+        if key in self._storages:
+            return
+        size = storage.nbytes()
+        self._storages.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        # Storages keep one Python object for their lifetime, so this runs when the memory goes.
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        if key in self._storages:
+            self._storages.discard(key)
+            self.live -= size
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")  # resets VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure(fn: Callable[[], T], device: str | torch.device = "cpu") -> tuple[T, MemoryReport]:
+    """Run ``fn()`` and report its peak memory on ``device`` (``"cpu"`` or a CUDA device)."""
+    device = torch.device(device)
+    can_reset_rss = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        tensor_bytes = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with LiveTensorBytes() as tracker:
+            result = fn()
+        tensor_bytes = tracker.peak
+    rss = _peak_rss() if can_reset_rss else None
+    return result, MemoryReport(tensor_bytes=tensor_bytes, rss_bytes=rss, device=str(device))

@@ -1,0 +1,70 @@
+"""The memory probe: exact on known allocations, monotone in input size, repeatable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier
+from patchgd.memory import measure
+
+MiB = 2**20
+
+
+def test_counts_a_kept_allocation_exactly_and_a_temporary_one_at_its_peak():
+    kept, report = measure(lambda: torch.empty(10 * MiB, dtype=torch.uint8))
+    assert report.tensor_bytes == 10 * MiB and kept.numel() == 10 * MiB
+
+    def temporary() -> float:
+        big = torch.ones(4 * MiB // 4)  # 4 MiB of float32, freed before returning
+        return float(big.sum())
+
+    _, report = measure(temporary)
+    assert 4 * MiB <= report.tensor_bytes < 4 * MiB + 4096
+
+
+def _gd_step(size: int):
+    torch.manual_seed(0)
+    model = GDClassifier("test_resnet", 3, size).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, targets = torch.randn(2, 3, size, size), torch.tensor([0, 2])
+    return lambda: model.training_step(images, targets, opt)
+
+
+def test_a_larger_input_needs_more_and_the_same_step_needs_the_same():
+    _, small = measure(_gd_step(64))
+    _, large = measure(_gd_step(128))
+    # 4× the pixels: activations grow ~4×, the 1.5 MB of parameter gradients does not
+    assert large.tensor_bytes > 2 * small.tensor_bytes
+    step = _gd_step(96)
+    _, first = measure(step)
+    _, second = measure(step)
+    assert first.tensor_bytes == second.tensor_bytes > 0
+
+
+def test_patchgd_needs_far_less_than_gd_on_the_same_image():
+    torch.manual_seed(0)
+    images, targets = torch.randn(2, 3, 256, 256), torch.tensor([0, 2])
+    patchgd = PatchGDClassifier(
+        "test_resnet",
+        3,
+        256,
+        32,
+        latent_dim=16,
+        head=HeadConfig(width=16),
+        fill_chunk=16,
+        loop=InnerLoopConfig(patches_per_step=1),
+    ).train()
+    opt = torch.optim.SGD(patchgd.parameters(), lr=0.1)
+    _, patch_report = measure(lambda: patchgd.training_step(images, targets, opt))
+    _, gd_report = measure(_gd_step(256))
+    assert patch_report.tensor_bytes < 0.25 * gd_report.tensor_bytes
+
+
+def test_rss_peak_covers_memory_outside_torch():
+    _, report = measure(lambda: np.ones(50 * MiB // 8).sum())
+    if report.rss_bytes is None:
+        pytest.skip("this kernel does not allow resetting the peak RSS")
+    assert report.rss_bytes >= 50 * MiB
+    assert "peak tensors" in str(report)
