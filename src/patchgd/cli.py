@@ -85,6 +85,27 @@ def _data_stats(args: argparse.Namespace) -> None:
     print(json.dumps({"mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from .algorithm import InnerLoopConfig
+    from .planner import plan_patchgd
+
+    kwargs = dict(
+        backbone=args.backbone,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        in_chans=args.in_chans,
+        latent_dim=args.latent_dim,
+        loop=InnerLoopConfig(sampling_fraction=args.sampling_fraction),
+        fill_chunk=args.fill_chunk,
+    )
+    print(f"planning PatchGD under {args.memory_budget} on {args.device} (measured trial steps):")
+    plan = plan_patchgd(
+        kwargs, args.memory_budget, device=args.device, max_batch=args.max_batch, log=print
+    )
+    print(f"plan: {plan}")
+
+
 def _add_table_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", required=True, help="labels CSV (image id or path, label, ...)")
     parser.add_argument("--root", help="folder the ids are relative to (default: the CSV's)")
@@ -106,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchgd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("fit", "validate", "test", "predict"):
-        commands.add_parser(name, help=f"{name} a model from a YAML config (LightningCLI; "
-                            f"`patchgd {name} --help`)", add_help=False)
+        commands.add_parser(
+            name,
+            help=f"{name} a model from a YAML config (LightningCLI; `patchgd {name} --help`)",
+            add_help=False,
+        )
 
     demo = commands.add_parser("demo", help="train PatchGD and GD side by side on UltraMNIST")
     from .demo import DemoConfig
@@ -121,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"(default: {field.default})",
         )
     demo.set_defaults(run=_demo)
+
+    plan = commands.add_parser(
+        "plan", help="the largest PatchGD batch, k and fill chunk that fit a memory budget"
+    )
+    plan.add_argument("--memory-budget", required=True, help="e.g. 4GB, 512MiB")
+    plan.add_argument("--backbone", required=True, help="timm model name")
+    plan.add_argument("--image-size", type=int, required=True)
+    plan.add_argument("--patch-size", type=int, required=True)
+    plan.add_argument("--num-classes", type=int, default=10)
+    plan.add_argument("--in-chans", type=int, default=3)
+    plan.add_argument("--latent-dim", type=int, default=256)
+    plan.add_argument("--sampling-fraction", type=float, default=0.1, help="starting k / grid")
+    plan.add_argument("--fill-chunk", type=int, default=256, help="starting fill chunk")
+    plan.add_argument("--max-batch", type=int, default=64)
+    plan.add_argument("--device", default="cpu")
+    plan.set_defaults(run=_plan)
 
     data = commands.add_parser("data", help="generate or prepare data sets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,170 @@
+"""Turning a memory budget into a training configuration, by measured trial steps.
+
+The paper met its 4/16/24 GB budgets by picking batch sizes by hand. :func:`plan_patchgd` does it
+by measurement. Each candidate configuration is built, one real training step (Adam, random
+images) runs under :func:`patchgd.memory.measure`, and a candidate counts only if weights,
+the batch and the step's peak fit the budget. The search order follows what matters most:
+
+1. the largest batch B (more images per step is what GD cannot afford);
+2. with k patches per inner iteration as configured, halved only when even one image does not fit;
+3. then the largest Z-fill chunk at that B (a faster fill, same result).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .algorithm import InnerLoopConfig
+from .errors import ConfigError
+from .memory import MemoryReport, measure
+from .model import PatchGDClassifier
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"4GB"`` → 4·10⁹ bytes, ``"4GiB"`` → 4·2³⁰; a plain number is bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(
+            f"memory size {text!r}: expected a number and a unit such as 4GB or 512MiB"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A configuration that fits the budget, with the measured footprint of one step."""
+
+    batch_size: int
+    patches_per_step: int
+    fill_chunk: int
+    budget_bytes: int
+    static_bytes: int  # weights and the batch, live before the step
+    step: MemoryReport  # the trial step's own peak
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.static_bytes + self.step.tensor_bytes
+
+    def __str__(self) -> str:
+        return (
+            f"batch {self.batch_size}, k = {self.patches_per_step} patches per inner iteration, "
+            f"fill chunk {self.fill_chunk}: peak {self.peak_bytes / 2**20:.1f} MiB of "
+            f"{self.budget_bytes / 2**20:.1f} MiB budget "
+            f"({100 * self.peak_bytes / self.budget_bytes:.0f} %)"
+        )
+
+
+def _trial(kwargs: dict[str, Any], batch: int, k: int, chunk: int, device: torch.device) -> Plan:
+    loop = replace(kwargs.get("loop") or InnerLoopConfig(), patches_per_step=k)
+    model = PatchGDClassifier(**{**kwargs, "loop": loop, "fill_chunk": chunk}).to(device).train()
+    height, width = model.grid.image_size
+    images = torch.randn(batch, kwargs.get("in_chans", 3), height, width, device=device)
+    targets = torch.arange(batch, device=device) % model.num_classes
+    optimizer = torch.optim.Adam(model.parameters())
+    _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
+    static = sum(p.numel() * p.element_size() for p in model.parameters())
+    static += images.numel() * images.element_size()
+    return Plan(batch, k, chunk, 0, static, report)
+
+
+def plan_patchgd(
+    model_kwargs: dict[str, Any],
+    budget: int | str,
+    *,
+    device: str | torch.device = "cpu",
+    max_batch: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> Plan:
+    """The largest batch (then fill chunk) whose measured training step fits ``budget``.
+
+    Args:
+        model_kwargs: :class:`~patchgd.PatchGDClassifier` arguments; ``loop.patches_per_step``
+            (or the sampling fraction) is the starting k.
+        budget: bytes, or a size such as ``"4GB"``.
+        device: where the trial steps run (the device the plan is for).
+        max_batch: the largest batch tried.
+        log: receives one line per trial.
+    """
+    budget = parse_size(budget)
+    device = torch.device(device)
+    probe = PatchGDClassifier(**model_kwargs)
+    k, n = probe.loop.patches_per_step, probe.grid.num_patches
+    chunk = min(model_kwargs.get("fill_chunk", 256), n)
+
+    refusals: list[str] = []
+
+    def fits(batch: int, k: int, chunk: int) -> Plan | None:
+        try:
+            trial = replace(_trial(model_kwargs, batch, k, chunk, device), budget_bytes=budget)
+        except ConfigError as err:  # e.g. BatchNorm cannot train on one image: not a candidate
+            refusals.append(str(err))
+            return None
+        if log:
+            peak = trial.peak_bytes / 2**20
+            log(f"  tried batch {batch}, k {k}, fill chunk {chunk}: {peak:.1f} MiB")
+        return trial if trial.peak_bytes <= budget else None
+
+    start = 2 if _needs_two_images(probe) else 1
+    del probe
+    best = fits(start, k, chunk)
+    while best is None and (k > 1 or chunk > 2):  # shrink the step until one batch fits
+        k, chunk = max(1, k // 2), max(2, chunk // 2)
+        best = fits(start, k, chunk)
+    if best is None:
+        try:
+            smallest = _trial(model_kwargs, start, k, chunk, device).peak_bytes / 2**20
+        except ConfigError:
+            raise ConfigError(f"no configuration can train: {refusals[-1]}") from None
+        raise ConfigError(
+            f"memory budget {budget / 2**20:.1f} MiB is too small: the smallest configuration "
+            f"(batch {start}, k {k}, fill chunk {chunk}) needs {smallest:.1f} MiB"
+        )
+    low, high = start, None  # largest fitting batch: doubling, then bisection
+    while high is None:
+        batch = low * 2
+        if batch > max_batch:
+            break
+        trial = fits(batch, k, chunk)
+        if trial is None:
+            high = batch
+        else:
+            low, best = batch, trial
+    while high is not None and high - low > 1:
+        mid = (low + high) // 2
+        trial = fits(mid, k, chunk)
+        if trial is None:
+            high = mid
+        else:
+            low, best = mid, trial
+    while best.fill_chunk * 2 <= best.batch_size * n:  # then a larger fill chunk, if it fits
+        trial = fits(best.batch_size, k, best.fill_chunk * 2)
+        if trial is None:
+            break
+        best = trial
+    return best
+
+
+def _needs_two_images(model: PatchGDClassifier) -> bool:
+    """BatchNorm in the head cannot train on one image whose grid reduces to a single cell."""
+    return model.head.norm == "batch" and model.head.out_shape == (1, 1)

@@ -1,0 +1,74 @@
+"""The planner: its plan, run again, stays under its budget; impossible budgets say their need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchgd import ConfigError, HeadConfig, InnerLoopConfig, PatchGDClassifier
+from patchgd.cli import main
+from patchgd.memory import measure
+from patchgd.planner import parse_size, plan_patchgd
+
+KWARGS = dict(
+    backbone="test_resnet",
+    num_classes=3,
+    image_size=128,
+    patch_size=32,
+    latent_dim=16,
+    head=HeadConfig(width=16),
+    loop=InnerLoopConfig(patches_per_step=4),
+)
+
+
+@pytest.mark.parametrize("budget_mib", [10, 24])
+def test_the_planned_configuration_runs_under_its_budget(budget_mib):
+    budget = budget_mib * 2**20
+    plan = plan_patchgd(KWARGS, budget)
+    assert plan.peak_bytes <= budget and plan.batch_size >= 2
+    # Run the plan again, from scratch: weights + batch + the step's own peak.
+    loop = InnerLoopConfig(patches_per_step=plan.patches_per_step)
+    model = PatchGDClassifier(**{**KWARGS, "loop": loop, "fill_chunk": plan.fill_chunk}).train()
+    images = torch.randn(plan.batch_size, 3, 128, 128)
+    targets = torch.arange(plan.batch_size) % 3
+    optimizer = torch.optim.Adam(model.parameters())
+    _, report = measure(lambda: model.training_step(images, targets, optimizer))
+    static = sum(p.numel() * 4 for p in model.parameters()) + images.numel() * 4
+    assert static + report.tensor_bytes <= budget
+    # One more image would not have fitted (the search found the largest batch).
+    bigger = plan_patchgd(KWARGS, budget, max_batch=plan.batch_size + 1)
+    assert bigger.batch_size == plan.batch_size
+
+
+def test_a_larger_budget_buys_a_larger_batch():
+    assert plan_patchgd(KWARGS, "24MiB").batch_size > plan_patchgd(KWARGS, "10MiB").batch_size
+
+
+def test_an_impossible_budget_says_what_the_smallest_configuration_needs():
+    with pytest.raises(
+        ConfigError,
+        match=r"memory budget 1\.0 MiB is too small: the smallest "
+        r"configuration \(batch 2, k 1, fill chunk 2\) needs",
+    ):
+        plan_patchgd(KWARGS, "1MiB")
+
+
+def test_parse_size_units():
+    assert parse_size("4GB") == 4 * 10**9 and parse_size("4GiB") == 4 * 2**30
+    assert parse_size("512 MiB") == 512 * 2**20 and parse_size("1.5KB") == 1500
+    with pytest.raises(ConfigError, match="memory size '4 gigs'"):
+        parse_size("4 gigs")
+
+
+PLAN = ["plan", "--backbone", "test_resnet", "--image-size", "128", "--patch-size", "32",
+        "--latent-dim", "16", "--sampling-fraction", "0.25", "--num-classes", "3"]
+
+
+def test_plan_command_prints_the_plan(capsys):
+    # The command builds the paper's head (256 channels): about 45 MiB for one batch of 2.
+    assert main([*PLAN, "--memory-budget", "64MiB"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("plan: batch ") and "of 64.0 MiB budget" in out[-1]
+    assert main([*PLAN, "--memory-budget", "1MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is too small: the smallest configuration" in err[0]
