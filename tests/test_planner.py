@@ -60,8 +60,21 @@ def test_parse_size_units():
         parse_size("4 gigs")
 
 
-PLAN = ["plan", "--backbone", "test_resnet", "--image-size", "128", "--patch-size", "32",
-        "--latent-dim", "16", "--sampling-fraction", "0.25", "--num-classes", "3"]
+PLAN = [
+    "plan",
+    "--backbone",
+    "test_resnet",
+    "--image-size",
+    "128",
+    "--patch-size",
+    "32",
+    "--latent-dim",
+    "16",
+    "--sampling-fraction",
+    "0.25",
+    "--num-classes",
+    "3",
+]
 
 
 def test_plan_command_prints_the_plan(capsys):
@@ -72,3 +85,22 @@ def test_plan_command_prints_the_plan(capsys):
     assert main([*PLAN, "--memory-budget", "1MiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is too small: the smallest configuration" in err[0]
+
+
+def test_gd_baselines_get_their_largest_batch_or_resolution_and_patchgd_a_larger_batch():
+    from patchgd import DownscaledGDClassifier, GDClassifier
+    from patchgd.planner import plan_gd
+
+    budget = 24 * 2**20
+    gd = plan_gd(lambda: GDClassifier("test_resnet", 3, 128), 128, budget, num_classes=3)
+    assert gd.peak_bytes <= budget and gd.batch_size >= 1
+    down = plan_gd(
+        lambda size: DownscaledGDClassifier("test_resnet", 3, 128, input_size=size),
+        128,
+        budget,
+        num_classes=3,
+        downscale=True,
+    )
+    assert down.peak_bytes <= budget and down.input_size % 32 == 0 and down.input_size <= 128
+    # The paper's point in miniature: at the same budget PatchGD keeps a larger batch.
+    assert plan_patchgd(KWARGS, budget).batch_size > gd.batch_size

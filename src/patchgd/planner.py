@@ -140,23 +140,7 @@ def plan_patchgd(
             f"memory budget {budget / 2**20:.1f} MiB is too small: the smallest configuration "
             f"(batch {start}, k {k}, fill chunk {chunk}) needs {smallest:.1f} MiB"
         )
-    low, high = start, None  # largest fitting batch: doubling, then bisection
-    while high is None:
-        batch = low * 2
-        if batch > max_batch:
-            break
-        trial = fits(batch, k, chunk)
-        if trial is None:
-            high = batch
-        else:
-            low, best = batch, trial
-    while high is not None and high - low > 1:
-        mid = (low + high) // 2
-        trial = fits(mid, k, chunk)
-        if trial is None:
-            high = mid
-        else:
-            low, best = mid, trial
+    best = _largest(lambda batch: fits(batch, k, chunk), start, max_batch) or best
     while best.fill_chunk * 2 <= best.batch_size * n:  # then a larger fill chunk, if it fits
         trial = fits(best.batch_size, k, best.fill_chunk * 2)
         if trial is None:
@@ -168,3 +152,112 @@ def plan_patchgd(
 def _needs_two_images(model: PatchGDClassifier) -> bool:
     """BatchNorm in the head cannot train on one image whose grid reduces to a single cell."""
     return model.head.norm == "batch" and model.head.out_shape == (1, 1)
+
+
+@dataclass(frozen=True)
+class BaselinePlan:
+    """The largest batch (or, for downscaled GD, input size) a GD baseline fits in the budget."""
+
+    method: str
+    batch_size: int
+    input_size: int | None
+    budget_bytes: int
+    static_bytes: int
+    step: MemoryReport
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.static_bytes + self.step.tensor_bytes
+
+    def __str__(self) -> str:
+        size = f", input {self.input_size} px" if self.input_size else ""
+        return (
+            f"{self.method}: batch {self.batch_size}{size}: peak {self.peak_bytes / 2**20:.1f} MiB "
+            f"of {self.budget_bytes / 2**20:.1f} MiB budget "
+            f"({100 * self.peak_bytes / self.budget_bytes:.0f} %)"
+        )
+
+
+def _largest(fits: Callable[[int], Any | None], low: int, limit: int) -> Any | None:
+    """The largest ``x`` in ``[low, limit]`` with ``fits(x)``, assuming monotone need."""
+    best = fits(low)
+    if best is None:
+        return None
+    high = None
+    x = low
+    while high is None and x < limit:
+        x = min(2 * x, limit)
+        trial = fits(x)
+        if trial is None:
+            high = x
+        else:
+            low, best = x, trial
+    while high is not None and high - low > 1:
+        mid = (low + high) // 2
+        trial = fits(mid)
+        if trial is None:
+            high = mid
+        else:
+            low, best = mid, trial
+    return best
+
+
+def plan_gd(
+    build: Callable[[], torch.nn.Module],
+    image_size: int,
+    budget: int | str,
+    *,
+    in_chans: int = 3,
+    num_classes: int = 2,
+    device: str | torch.device = "cpu",
+    max_batch: int = 64,
+    downscale: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> BaselinePlan:
+    """The largest batch of full images a GD model fits (``downscale=False``), or, for downscaled
+    GD, the largest input side (multiples of 32) that fits with a batch of 2.
+
+    ``build()`` returns a fresh model: ``GDClassifier`` / ``GDExtendedClassifier`` for full
+    images, or for ``downscale=True`` a callable ``build(size)`` returning the model for inputs
+    of ``size`` px (e.g. ``lambda s: DownscaledGDClassifier(name, c, image_size, input_size=s)``).
+    """
+    budget = parse_size(budget)
+    device = torch.device(device)
+    name = "downscaled GD" if downscale else "GD"
+
+    def run(model: torch.nn.Module, batch: int, size: int) -> BaselinePlan | None:
+        model = model.to(device).train()
+        images = torch.randn(
+            batch,
+            in_chans,
+            size if not downscale else image_size,
+            size if not downscale else image_size,
+            device=device,
+        )
+        targets = torch.arange(batch, device=device) % num_classes
+        optimizer = torch.optim.Adam(model.parameters())
+        try:
+            _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
+        except ConfigError:
+            return None
+        static = sum(p.numel() * p.element_size() for p in model.parameters())
+        static += images.numel() * images.element_size()
+        plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report)
+        if log:
+            log(
+                f"  tried {name} batch {batch}"
+                + (f", input {size} px" if downscale else "")
+                + f": {plan.peak_bytes / 2**20:.1f} MiB"
+            )
+        return plan if plan.peak_bytes <= budget else None
+
+    if downscale:
+        best = _largest(lambda m: run(build(32 * m), 2, 32 * m), 1, max(1, image_size // 32))
+    else:
+        best = _largest(lambda b: run(build(), b, image_size), 1, max_batch)
+    if best is None:
+        raise ConfigError(
+            f"memory budget {budget / 2**20:.1f} MiB is too small for {name} at "
+            f"{image_size} px even with the smallest batch" + (" and input" if downscale else "")
+        )
+    return best
