@@ -92,13 +92,12 @@ def test_gd_baselines_get_their_largest_batch_or_resolution_and_patchgd_a_larger
     from patchgd.planner import plan_gd
 
     budget = 24 * 2**20
-    gd = plan_gd(lambda: GDClassifier("test_resnet", 3, 128), 128, budget, num_classes=3)
+    gd = plan_gd(lambda: GDClassifier("test_resnet", 3, 128), 128, budget)
     assert gd.peak_bytes <= budget and gd.batch_size >= 1
     down = plan_gd(
         lambda size: DownscaledGDClassifier("test_resnet", 3, 128, input_size=size),
         128,
         budget,
-        num_classes=3,
         downscale=True,
     )
     assert down.peak_bytes <= budget and down.input_size % 32 == 0 and down.input_size <= 128

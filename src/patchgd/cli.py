@@ -199,18 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("fit", "validate", "test", "predict"):
-        from .app.cli import run_lightning
-
-        try:
-            run_lightning(argv)
-        except PatchGDError as err:
-            print(f"patchgd: error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        if argv and argv[0] in ("fit", "validate", "test", "predict"):
+            from .app.cli import run_lightning
+
+            run_lightning(argv)
+        else:
+            args = build_parser().parse_args(argv)
+            args.run(args)
     except PatchGDError as err:
         print(f"patchgd: error: {err}", file=sys.stderr)
         return 2

@@ -75,16 +75,25 @@ class Plan:
         )
 
 
-def _trial(kwargs: dict[str, Any], batch: int, k: int, chunk: int, device: torch.device) -> Plan:
-    loop = replace(kwargs.get("loop") or InnerLoopConfig(), patches_per_step=k)
-    model = PatchGDClassifier(**{**kwargs, "loop": loop, "fill_chunk": chunk}).to(device).train()
-    height, width = model.grid.image_size
-    images = torch.randn(batch, kwargs.get("in_chans", 3), height, width, device=device)
+def _measure_step(
+    model: Any, batch: int, in_chans: int, size: tuple[int, int], device: torch.device
+) -> tuple[int, MemoryReport]:
+    """One Adam training step on random images: (weights + batch bytes, the step's report)."""
+    model = model.to(device).train()
+    images = torch.randn(batch, in_chans, *size, device=device)
     targets = torch.arange(batch, device=device) % model.num_classes
     optimizer = torch.optim.Adam(model.parameters())
     _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
     static = sum(p.numel() * p.element_size() for p in model.parameters())
-    static += images.numel() * images.element_size()
+    return static + images.numel() * images.element_size(), report
+
+
+def _trial(kwargs: dict[str, Any], batch: int, k: int, chunk: int, device: torch.device) -> Plan:
+    loop = replace(kwargs.get("loop") or InnerLoopConfig(), patches_per_step=k)
+    model = PatchGDClassifier(**{**kwargs, "loop": loop, "fill_chunk": chunk})
+    static, report = _measure_step(
+        model, batch, kwargs.get("in_chans", 3), model.grid.image_size, device
+    )
     return Plan(batch, k, chunk, 0, static, report)
 
 
@@ -208,7 +217,6 @@ def plan_gd(
     budget: int | str,
     *,
     in_chans: int = 3,
-    num_classes: int = 2,
     device: str | torch.device = "cpu",
     max_batch: int = 64,
     downscale: bool = False,
@@ -226,22 +234,10 @@ def plan_gd(
     name = "downscaled GD" if downscale else "GD"
 
     def run(model: torch.nn.Module, batch: int, size: int) -> BaselinePlan | None:
-        model = model.to(device).train()
-        images = torch.randn(
-            batch,
-            in_chans,
-            size if not downscale else image_size,
-            size if not downscale else image_size,
-            device=device,
-        )
-        targets = torch.arange(batch, device=device) % num_classes
-        optimizer = torch.optim.Adam(model.parameters())
-        try:
-            _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
+        try:  # the images are always full size; downscaled GD resizes them itself
+            static, report = _measure_step(model, batch, in_chans, (image_size, image_size), device)
         except ConfigError:
             return None
-        static = sum(p.numel() * p.element_size() for p in model.parameters())
-        static += images.numel() * images.element_size()
         plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report)
         if log:
             log(
