@@ -58,20 +58,8 @@ def spy_levels(monkeypatch) -> list[int]:
     return levels_read
 
 
-def tiny_ultramnist_args(out) -> list[str]:
-    """``patchgd`` arguments that write a 64 px UltraMNIST, one image per class and split."""
-    return [
-        "data",
-        "ultramnist",
-        "--out",
-        str(out),
-        "--size",
-        "64",
-        "--per-class",
-        "1",
-        "--val-per-class",
-        "1",
-        "--test-per-class",
-        "1",
-        "--quiet",
-    ]
+def tiny_ultramnist_args(out, per_class: int = 1) -> list[str]:
+    """``patchgd`` arguments for a 64 px UltraMNIST: ``per_class`` training images per class,
+    one per class for validation and test."""
+    sizes = ["--per-class", str(per_class), "--val-per-class", "1", "--test-per-class", "1"]
+    return ["data", "ultramnist", "--out", str(out), "--size", "64", *sizes, "--quiet"]

@@ -250,6 +250,8 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
             ["--model.classifier.init_args.patch_size", "128"],
             "patch_size=128 is larger than the image (64×64 px)",
         ),
+        (["--model.warmup_epochs", "2"], "warmup_epochs=2.0 (10 optimizer steps) is not shorter"),
+        (["--trainer.gradient_clip_val", "1.0"], "gradient_clip_val"),
     ],
 )
 def test_wrong_configs_fail_before_training_in_one_line(
@@ -340,22 +342,6 @@ def test_max_steps_counts_optimizer_steps(tmp_path, monkeypatch):
     )
     # 6 optimizer steps = 3 batches; warm-up 0.2 epoch = 2 steps; decay to 0.5 at step 6
     assert _logged_lr(_run_dir(tmp_path)) == pytest.approx([1e-3, 0.75e-3, 0.5e-3], rel=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model.warmup_epochs", "2"], "warmup_epochs=2.0 (10 optimizer steps) is not shorter"),
-        (["--trainer.gradient_clip_val", "1.0"], "gradient_clip_val"),
-    ],
-)
-def test_options_lightning_or_the_schedule_refuse_fail_in_one_line(
-    args, message, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", str(TINY), *args]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
-    assert len(err) == 1 and message in err[0]
 
 
 def test_lazy_slides_train_through_the_command_line(tmp_path, monkeypatch):

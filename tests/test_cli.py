@@ -51,26 +51,7 @@ def test_demo_runs_end_to_end_and_prints_the_table(capsys):
 
 def test_data_ultramnist_writes_pngs_and_labels(tmp_path, capsys):
     out = tmp_path / "um"
-    assert (
-        main(
-            [
-                "data",
-                "ultramnist",
-                "--out",
-                str(out),
-                "--size",
-                "64",
-                "--per-class",
-                "2",
-                "--val-per-class",
-                "1",
-                "--test-per-class",
-                "1",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_ultramnist_args(out, per_class=2)) == 0
     with open(out / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 40

@@ -57,40 +57,52 @@ class SaveWeights(L.Callback):
         torch.save(_floats(pl_module), self.path / f"rank{trainer.global_rank}.pt")
 
 
-def _train(devices: int, batch_size: int, accumulation: int | None, tmp_path) -> tuple:
+def _classifier(accumulation: int | None = None, dropout: float = 0.2) -> PatchGDClassifier:
+    """BatchNorm-free (GroupNorm backbone, no norm in the head): per-process batch statistics
+    would otherwise differ from a single process's; k = 1 of 4 patches, so ζ = 4."""
     torch.manual_seed(0)
-    classifier = PatchGDClassifier(
-        # No BatchNorm (GroupNorm backbone, no norm in the head) and no dropout: per-process
-        # batch statistics would otherwise differ from the single-process run's.
+    return PatchGDClassifier(
         "test_efficientnet_gn",
         3,
         64,
         32,
         latent_dim=8,
-        head=HeadConfig(width=8, norm="none", dropout=0.0),
+        head=HeadConfig(width=8, norm="none", dropout=dropout),
         loop=InnerLoopConfig(patches_per_step=1, accumulation=accumulation),
-    ).double()
-    task = PatchGDTask(classifier, lr=1e-2, warmup_epochs=0)
-    initial = _floats(task)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    weights = tmp_path
+    )
+
+
+def _fit(task: PatchGDTask, devices: int, batch_size: int, **trainer_options) -> None:
+    """One epoch over FixedData, in ``devices`` spawned processes (or this one)."""
     _fresh_port()
-    trainer = L.Trainer(
+    options = dict(
         accelerator="cpu",
         devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=1,
         logger=False,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        enable_checkpointing=False,
         use_distributed_sampler=False,
-        precision="64-true",
-        callbacks=[SaveWeights(weights)],
+        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+    )
+    L.Trainer(**{**options, **trainer_options}).fit(task, datamodule=FixedData(batch_size))
+
+
+def _train(devices: int, batch_size: int, accumulation: int | None, tmp_path) -> tuple:
+    """Initial weights and every rank's trained weights, in float64 without dropout."""
+    task = PatchGDTask(_classifier(accumulation, dropout=0.0).double(), lr=1e-2, warmup_epochs=0)
+    initial = _floats(task)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    _fit(
+        task,
+        devices,
+        batch_size,
+        precision="64-true",
+        callbacks=[SaveWeights(tmp_path)],
         default_root_dir=tmp_path,
     )
-    trainer.fit(task, datamodule=FixedData(batch_size))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(devices)]
     return initial, ranks
 
@@ -140,24 +152,13 @@ def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, mo
     from patchgd.app.callbacks import RunSummary, TrainingCurves
 
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    classifier = PatchGDClassifier(
-        "test_efficientnet_gn", 3, 64, 32, latent_dim=8, head=HeadConfig(width=8, norm="none")
-    )
-    _fresh_port()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
+    _fit(
+        PatchGDTask(_classifier(), warmup_epochs=0),
+        2,
+        2,
         logger=CSVLogger(tmp_path / "runs"),
         callbacks=[RunSummary(), TrainingCurves()],
-        use_distributed_sampler=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
-    trainer.fit(PatchGDTask(classifier, warmup_epochs=0), datamodule=FixedData(2))
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
     assert (run / "curves.png").exists()
@@ -186,30 +187,12 @@ class CountAllReduces(L.Callback):
 
 def _count_all_reduces(accumulation: int | None, tmp_path) -> int:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    classifier = PatchGDClassifier(
-        "test_efficientnet_gn",
-        3,
-        64,
-        32,
-        latent_dim=8,
-        head=HeadConfig(width=8, norm="none"),
-        loop=InnerLoopConfig(patches_per_step=1, accumulation=accumulation),  # ζ = 4
-    )
-    _fresh_port()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
+    _fit(
+        PatchGDTask(_classifier(accumulation), warmup_epochs=0),
+        2,
+        2,
         callbacks=[CountAllReduces(tmp_path)],
-        use_distributed_sampler=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(PatchGDTask(classifier, warmup_epochs=0), datamodule=FixedData(2))
     counts = {int((tmp_path / f"calls{r}.txt").read_text()) for r in range(2)}
     assert len(counts) == 1
     return counts.pop()
