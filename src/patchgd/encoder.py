@@ -40,6 +40,7 @@ class PatchEncoder(nn.Module):
         self.backbone_name = backbone
         self.patch_size = patch_size
         self.latent_dim = latent_dim
+        self.in_chans = in_chans
         self.backbone = create_backbone(
             backbone,
             num_classes=0,

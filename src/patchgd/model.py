@@ -22,6 +22,7 @@ from .algorithm import (
 from .algorithm import train_step as patchgd_train_step
 from .backbones import Pretrained
 from .encoder import PatchEncoder
+from .errors import ConfigError
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig
 from .patches import PatchProvider
@@ -110,6 +111,18 @@ class PatchGDClassifier(Classifier):
         )
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
         self.sampler = sampler or RandomPatchSampler(seed)
+
+    def configure_loop(
+        self, loop: InnerLoopConfig | None = None, *, fill_chunk: int | None = None
+    ) -> None:
+        """Change k, ζ, ε or the visit cap (``loop``) and the fill chunk, checked as at init."""
+        if loop is not None:
+            resolved = loop.resolve(self.grid.num_patches)
+            self.loop_config, self.loop = loop, resolved
+        if fill_chunk is not None:
+            if fill_chunk < 1:
+                raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
+            self.fill_chunk = fill_chunk
 
     def fill_z(self, images: Tensor | PatchProvider) -> Tensor:
         """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""

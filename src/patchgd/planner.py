@@ -8,21 +8,27 @@ the batch and the step's peak fit the budget. The search order follows what matt
 1. the largest batch B (more images per step is what GD cannot afford);
 2. with k patches per inner iteration as configured, halved only when even one image does not fit;
 3. then the largest Z-fill chunk at that B (a faster fill, same result).
+
+With ``lazy=True`` the trial steps take random patches on demand, as a run whose images are read
+patch by patch from disk does: no image is in memory, so only the weights count as static.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from .algorithm import InnerLoopConfig
 from .errors import ConfigError
+from .grid import PatchGrid
 from .memory import MemoryReport, measure
 from .model import PatchGDClassifier
+from .patches import balanced_chunks
 
 _UNITS = {
     "": 1,
@@ -75,74 +81,110 @@ class Plan:
         )
 
 
+class _RandomPatches:
+    """Random patches made on demand: the memory profile of images read lazily from disk."""
+
+    def __init__(self, batch: int, grid: PatchGrid, in_chans: int, device: torch.device) -> None:
+        self.grid, self.in_chans, self.device, self._batch = grid, in_chans, device, batch
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def _patches(self, n: int) -> Tensor:
+        p = self.grid.patch_size
+        return torch.randn(n, self.in_chans, p, p, device=self.device)
+
+    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        return self._patches(len(flat_index))
+
+    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for ids in balanced_chunks(self._batch * self.grid.num_patches, chunk, self.device):
+            yield ids, self._patches(len(ids))
+
+
 def _measure_step(
-    model: Any, batch: int, in_chans: int, size: tuple[int, int], device: torch.device
+    model: Any,
+    batch: int,
+    in_chans: int,
+    size: tuple[int, int],
+    device: torch.device,
+    lazy: bool = False,
 ) -> tuple[int, MemoryReport]:
     """One Adam training step on random images: (weights + batch bytes, the step's report)."""
     model = model.to(device).train()
-    images = torch.randn(batch, in_chans, *size, device=device)
+    model.zero_grad(set_to_none=True)
+    if lazy:
+        images: Any = _RandomPatches(batch, model.grid, in_chans, device)
+        batch_bytes = 0
+    else:
+        images = torch.randn(batch, in_chans, *size, device=device)
+        batch_bytes = images.numel() * images.element_size()
     targets = torch.arange(batch, device=device) % model.num_classes
     optimizer = torch.optim.Adam(model.parameters())
     _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
+    model.zero_grad(set_to_none=True)
     static = sum(p.numel() * p.element_size() for p in model.parameters())
-    return static + images.numel() * images.element_size(), report
-
-
-def _trial(kwargs: dict[str, Any], batch: int, k: int, chunk: int, device: torch.device) -> Plan:
-    loop = replace(kwargs.get("loop") or InnerLoopConfig(), patches_per_step=k)
-    model = PatchGDClassifier(**{**kwargs, "loop": loop, "fill_chunk": chunk})
-    static, report = _measure_step(
-        model, batch, kwargs.get("in_chans", 3), model.grid.image_size, device
-    )
-    return Plan(batch, k, chunk, 0, static, report)
+    return static + batch_bytes, report
 
 
 def plan_patchgd(
-    model_kwargs: dict[str, Any],
+    model: PatchGDClassifier | dict[str, Any],
     budget: int | str,
     *,
     device: str | torch.device = "cpu",
     max_batch: int = 64,
+    lazy: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Plan:
     """The largest batch (then fill chunk) whose measured training step fits ``budget``.
 
     Args:
-        model_kwargs: :class:`~patchgd.PatchGDClassifier` arguments; ``loop.patches_per_step``
-            (or the sampling fraction) is the starting k.
+        model: the model to plan for (left unchanged: trials run on a copy), or
+            :class:`~patchgd.PatchGDClassifier` arguments. Its k (``patches_per_step`` or the
+            sampling fraction) is the starting k, its ``fill_chunk`` the starting chunk.
         budget: bytes, or a size such as ``"4GB"``.
         device: where the trial steps run (the device the plan is for).
         max_batch: the largest batch tried.
+        lazy: the images are read patch by patch from disk, never held whole in memory.
         log: receives one line per trial.
     """
     budget = parse_size(budget)
     device = torch.device(device)
-    probe = PatchGDClassifier(**model_kwargs)
-    k, n = probe.loop.patches_per_step, probe.grid.num_patches
-    chunk = min(model_kwargs.get("fill_chunk", 256), n)
+    base = model if isinstance(model, PatchGDClassifier) else PatchGDClassifier(**model)
+    work = copy.deepcopy(base)  # trial steps change weights and statistics: never the user's
+    in_chans = base.encoder.in_chans
+    k, n = base.loop.patches_per_step, base.grid.num_patches
+    chunk = min(base.fill_chunk, n)
 
     refusals: list[str] = []
 
+    def trial(batch: int, k: int, chunk: int) -> Plan:
+        work.configure_loop(replace(base.loop_config, patches_per_step=k), fill_chunk=chunk)
+        static, report = _measure_step(
+            work, batch, in_chans, base.grid.image_size, device, lazy=lazy
+        )
+        return Plan(batch, k, chunk, budget, static, report)
+
     def fits(batch: int, k: int, chunk: int) -> Plan | None:
         try:
-            trial = replace(_trial(model_kwargs, batch, k, chunk, device), budget_bytes=budget)
+            result = trial(batch, k, chunk)
         except ConfigError as err:  # e.g. BatchNorm cannot train on one image: not a candidate
             refusals.append(str(err))
             return None
         if log:
-            peak = trial.peak_bytes / 2**20
+            peak = result.peak_bytes / 2**20
             log(f"  tried batch {batch}, k {k}, fill chunk {chunk}: {peak:.1f} MiB")
-        return trial if trial.peak_bytes <= budget else None
+        return result if result.peak_bytes <= budget else None
 
-    start = 2 if _needs_two_images(probe) else 1
-    del probe
+    start = 2 if _needs_two_images(base) else 1
     best = fits(start, k, chunk)
     while best is None and (k > 1 or chunk > 2):  # shrink the step until one batch fits
         k, chunk = max(1, k // 2), max(2, chunk // 2)
         best = fits(start, k, chunk)
     if best is None:
         try:
-            smallest = _trial(model_kwargs, start, k, chunk, device).peak_bytes / 2**20
+            smallest = trial(start, k, chunk).peak_bytes / 2**20
         except ConfigError:
             raise ConfigError(f"no configuration can train: {refusals[-1]}") from None
         raise ConfigError(
@@ -151,10 +193,10 @@ def plan_patchgd(
         )
     best = _largest(lambda batch: fits(batch, k, chunk), start, max_batch) or best
     while best.fill_chunk * 2 <= best.batch_size * n:  # then a larger fill chunk, if it fits
-        trial = fits(best.batch_size, k, best.fill_chunk * 2)
-        if trial is None:
+        larger = fits(best.batch_size, k, best.fill_chunk * 2)
+        if larger is None:
             break
-        best = trial
+        best = larger
     return best
 
 
@@ -220,10 +262,11 @@ def plan_gd(
     device: str | torch.device = "cpu",
     max_batch: int = 64,
     downscale: bool = False,
+    batch: int = 2,
     log: Callable[[str], None] | None = None,
 ) -> BaselinePlan:
     """The largest batch of full images a GD model fits (``downscale=False``), or, for downscaled
-    GD, the largest input side (multiples of 32) that fits with a batch of 2.
+    GD, the largest input side (multiples of 32) that fits with a batch of ``batch``.
 
     ``build()`` returns a fresh model: ``GDClassifier`` / ``GDExtendedClassifier`` for full
     images, or for ``downscale=True`` a callable ``build(size)`` returning the model for inputs
@@ -248,7 +291,7 @@ def plan_gd(
         return plan if plan.peak_bytes <= budget else None
 
     if downscale:
-        best = _largest(lambda m: run(build(32 * m), 2, 32 * m), 1, max(1, image_size // 32))
+        best = _largest(lambda m: run(build(32 * m), batch, 32 * m), 1, max(1, image_size // 32))
     else:
         best = _largest(lambda b: run(build(), b, image_size), 1, max_batch)
     if best is None:

@@ -57,6 +57,22 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda handle: handle.write(text))
 
 
+def _memory_plan(task: L.LightningModule) -> dict[str, Any]:
+    """The ``--memory-budget`` plan and the first step's measured peak, when there was one."""
+    plan = getattr(task, "memory_plan", None)
+    if plan is None:
+        return {}
+    return {
+        "memory_plan": {
+            "budget_bytes": plan.budget_bytes,
+            "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "measured_peak_bytes": getattr(task, "measured_peak_bytes", None),
+            "plan": plan.description,
+            "planned_config": plan.config_changes,
+        }
+    }
+
+
 class RunSummary(Callback):
     """Writes ``summary.json`` in the run folder: final and best metrics, time, peak memory.
 
@@ -105,6 +121,7 @@ class RunSummary(Callback):
                 "best": best,
                 "seconds_per_epoch": seconds,
                 "mean_seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+                **_memory_plan(pl_module),
             },
         )
 

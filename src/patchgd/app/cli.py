@@ -6,12 +6,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError
+from ..planner import parse_size
+from .budget import plan_run
 from .callbacks import PredictionWriter, RunSummary, TrainingCurves
 from .task import PatchGDTask
 
@@ -52,6 +56,61 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+class PatchGDCLI(LightningCLI):
+    """LightningCLI with ``--memory-budget``: plan ``fit`` by measured trial steps, cap CUDA."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Accepted by every subcommand: a saved fit config carries it into validate/test/predict.
+        parser.add_argument(
+            "--memory-budget",
+            type=str | None,
+            default=None,
+            help="e.g. 4GB: before fit, measure trial steps and use the largest batch up to "
+            "data.batch_size (PatchGD: also k and the fill chunk; downscaled GD: the input size) "
+            "that fits; on CUDA also cap the process at this size",
+        )
+
+    def before_fit(self) -> None:
+        self._apply_budget(plan=True)
+
+    def before_validate(self) -> None:
+        self._apply_budget(plan=False)
+
+    def before_test(self) -> None:
+        self._apply_budget(plan=False)
+
+    def before_predict(self) -> None:
+        self._apply_budget(plan=False)
+
+    def _apply_budget(self, plan: bool) -> None:
+        config = self.config[self.subcommand]
+        if not config.get("memory_budget"):
+            return
+        task = self.model
+        task.memory_budget = parse_size(config.memory_budget)
+        if not plan:
+            return
+        if self.trainer.world_size > 1:
+            raise ConfigError(
+                "--memory-budget plans for one process; plan with --trainer.devices 1 and copy "
+                "the planned values from its config.yaml"
+            )
+        device = self.trainer.strategy.root_device
+        rank_zero_info(f"planning under {config.memory_budget} on {device} (trial steps):")
+        args = config["model.classifier.init_args"]
+        args = args.as_dict() if hasattr(args, "as_dict") else dict(args)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            classifier, run_plan = plan_run(
+                task.classifier, args, self.datamodule, task.memory_budget, device, rank_zero_info
+            )
+        if classifier is not task.classifier:
+            task.set_classifier(classifier)
+        task.memory_plan = run_plan
+        for key, value in run_plan.config_changes.items():
+            config[key] = value  # the saved config.yaml reruns the plan
+        rank_zero_info(f"memory plan: {run_plan.description}")
+
+
 def run_lightning(argv: Sequence[str]) -> LightningCLI:
     """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/x.yaml"]``.
 
@@ -62,7 +121,7 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
         # `patchgd` forwards its own argv as `args`; Lightning warns when both are present.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
-            return LightningCLI(
+            return PatchGDCLI(
                 PatchGDTask,
                 None,  # any LightningDataModule, chosen by class_path in the config
                 subclass_mode_data=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -18,14 +19,17 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
-from ..algorithm import StepHooks, keep_modes
+from ..algorithm import StepHooks, StepResult, keep_modes
 from ..errors import ConfigError
+from ..memory import measure
 from ..model import Classifier, PatchGDClassifier
+from .budget import RunPlan, cap_cuda_memory
 
 
 def warmup_then_linear_decay(
@@ -91,18 +95,29 @@ class PatchGDTask(L.LightningModule):
         # hyperparameters, which LightningCLI would otherwise re-apply over the command line.
         self.save_hyperparameters(ignore=["classifier", "predict_heatmaps"])
         self.predict_heatmaps = predict_heatmaps
-        self.classifier = classifier
         self.automatic_optimization = False
-        if channels_last:
-            self.classifier.to(memory_format=torch.channels_last)
+        self.set_classifier(classifier)
+        # Set by the command line's --memory-budget (not hyperparameters: a budget is about the
+        # machine, not the model): the cap, the plan, and the first step's measured peak.
+        self.memory_budget: int | None = None
+        self.memory_plan: RunPlan | None = None
+        self.measured_peak_bytes: int | None = None
         n = classifier.num_classes
         self.train_metrics = _metrics(n, "train/")
         self.val_metrics = _metrics(n, "val/")
         self.test_metrics = _metrics(n, "test/")
 
+    def set_classifier(self, classifier: Classifier) -> None:
+        """Use ``classifier`` (e.g. one the memory planner rebuilt at another input size)."""
+        self.classifier = classifier
+        if self.hparams.channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
+
     # -- checks before any work -------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse data that does not fit the model, before the first batch."""
+        """Refuse data that does not fit the model, before the first batch; cap CUDA memory."""
+        if self.memory_budget is not None and self._trainer is not None:
+            cap_cuda_memory(self.memory_budget, self.trainer.strategy.root_device)
         data = self.trainer.datamodule if self._trainer is not None else None
         if stage == "predict" and self.trainer.world_size > 1:
             raise ConfigError(
@@ -186,7 +201,14 @@ class PatchGDTask(L.LightningModule):
             backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
         )
         extra = {} if candidates is None else {"candidates": candidates}
-        result = self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
+
+        def step() -> StepResult:
+            return self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
+
+        if self.memory_plan is not None and self.measured_peak_bytes is None:
+            result = self._measure_first_step(step, images)
+        else:
+            result = step()
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
         self.train_metrics.update(result.logits.float(), targets)
@@ -204,6 +226,21 @@ class PatchGDTask(L.LightningModule):
             patches += batch_size * self.classifier.grid.num_patches  # the fill
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
         self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
+
+    def _measure_first_step(self, step: Callable[[], StepResult], images: Any) -> StepResult:
+        """Run the first training step under the memory probe and report it beside the plan."""
+        result, report = measure(step, self.device)
+        batch_bytes = images.numel() * images.element_size() if isinstance(images, Tensor) else 0
+        weights = sum(p.numel() * p.element_size() for p in self.classifier.parameters())
+        self.measured_peak_bytes = weights + batch_bytes + report.tensor_bytes
+        plan = self.memory_plan
+        assert plan is not None
+        rank_zero_info(
+            f"memory: the first training step peaked at {self.measured_peak_bytes / 2**20:.1f} "
+            f"MiB; the plan predicted {plan.predicted_peak_bytes / 2**20:.1f} MiB of the "
+            f"{plan.budget_bytes / 2**20:.1f} MiB budget"
+        )
+        return result
 
     def _grad_sync(self, sync: bool) -> AbstractContextManager[object]:
         """Under DDP, all-reduce gradients only in the inner iteration before an optimizer step.

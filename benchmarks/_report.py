@@ -1,0 +1,127 @@
+"""What every benchmark script shares: the machine line, and writing its section of the docs.
+
+Each script owns one section of ``docs/benchmarks.md`` between the markers
+``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; rerunning the script replaces that section
+(atomically) and leaves the rest of the page alone. Plots go beside the page as PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGE = DOCS / "benchmarks.md"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def machine_line(device: str = "cpu") -> str:
+    """Date, machine, device and library versions, as one markdown bullet list."""
+    import torch
+
+    ram = ram_gib()
+    lines = [
+        f"- {_dt.date.today().isoformat()}; {os.cpu_count()} CPU cores ({cpu_name()})"
+        + (f", {ram:.0f} GiB RAM" if ram else ""),
+        f"- device: {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else "")
+        + f"; torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
+    ]
+    try:
+        import timm
+
+        lines[-1] += f", timm {timm.__version__}"
+    except ImportError:
+        pass
+    return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that produced a section, as a user would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(ROOT))
+    except ValueError:
+        script_text = str(script)
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", script_text, *map(shlex.quote, args)])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, markdown: str, page: Path = PAGE) -> None:
+    """Replace (or append) the ``name`` section of ``page``, atomically."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = page.read_text() if page.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = page.with_suffix(page.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, page)
+
+
+def save_figure(fig: object, name: str, page: Path = PAGE) -> Path:
+    """Save a matplotlib figure as ``NAME.png`` beside ``page``, atomically; returns the path."""
+    path = page.parent / f"{name}.png"
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
+    os.replace(tmp, path)
+    return path
+
+
+def mib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f}"
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--quick``, ``--page`` and ``--device``, the same in every benchmark script."""
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--page",
+        type=Path,
+        help="markdown page to write the section and plot into (default: docs/benchmarks.md; "
+        "with --quick, nothing is written unless --page is given)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def output_page(args: argparse.Namespace) -> Path | None:
+    """Where this run's results go: ``--page``, else the docs page for full runs only."""
+    if args.page is not None:
+        return args.page
+    return None if args.quick else PAGE
