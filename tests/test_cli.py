@@ -43,10 +43,14 @@ def test_demo_runs_end_to_end_and_prints_the_table(capsys):
         "--latent-dim",
         "8",
     ]
-    assert main(args) == 0
-    table = capsys.readouterr().out.splitlines()[-3:]
-    assert table[0].split() == ["method", "val", "acc", "val", "QWK", "train", "loss", "s/epoch"]
-    assert [row.split()[0] for row in table[1:]] == ["PatchGD", "GD"]
+    assert main([*args, "--memory-budget", "12MiB"]) == 0
+    table = capsys.readouterr().out.splitlines()[-4:]
+    assert table[0].split()[-5:] == ["peak", "MiB", "budget", "MiB", "s/epoch"]
+    rows = [line.rsplit(maxsplit=8) for line in table[1:]]
+    assert [row[0] for row in rows] == ["PatchGD", "GD", "GD, downscaled"]
+    for method, *_, peak, budget, _seconds in rows:
+        # Each method trained within the budget it was planned for, as measured.
+        assert 0 < float(peak) <= float(budget) == 12.0, method
 
 
 def test_data_ultramnist_writes_pngs_and_labels(tmp_path, capsys):

@@ -24,6 +24,41 @@ def test_counts_a_kept_allocation_exactly_and_a_temporary_one_at_its_peak():
     assert 4 * MiB <= report.tensor_bytes < 4 * MiB + 4096
 
 
+def test_views_and_in_place_results_of_older_tensors_allocate_nothing():
+    x = torch.zeros(MiB)  # 4 MiB, live before the call
+    weight = torch.randn(1024, 1024)
+
+    def no_new_memory():
+        views = (x.view(2, -1).t(), x[:10], x.unfold(0, 16, 16), x.add_(1), weight.t())
+        return len(views)
+
+    assert measure(no_new_memory)[1].tensor_bytes == 0
+    # A linear layer allocates only its output, however its weight is viewed internally.
+    inputs = torch.randn(1, 1024)
+    _, report = measure(lambda: torch.nn.functional.linear(inputs, weight))
+    assert report.tensor_bytes == 1024 * 4
+    # A new tensor and its views count once; a contiguous copy of a view counts again.
+    _, report = measure(lambda: torch.ones(MiB // 4).view(2, -1).t().contiguous())
+    assert report.tensor_bytes == 2 * MiB
+
+
+def test_an_adam_step_costs_its_gradients_and_state_not_the_weights_again():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512)
+    optimizer = torch.optim.Adam(model.parameters(), foreach=False)
+    params = sum(p.numel() * 4 for p in model.parameters())
+
+    def step():
+        model(torch.randn(1, 512)).sum().backward()
+        optimizer.step()
+
+    _, report = measure(step)
+    # Gradients, exp_avg and exp_avg_sq: 3× the parameters. Adam's denominator takes two
+    # weight-sized temporaries (sqrt, then the division) at the peak: 5×. Counting the updated
+    # weights (what addcdiv_ returns) again would make it 6×.
+    assert 4.9 * params <= report.tensor_bytes < 5.1 * params
+
+
 def _gd_step(size: int):
     torch.manual_seed(0)
     model = GDClassifier("test_resnet", 3, size).train()

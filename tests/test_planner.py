@@ -7,7 +7,7 @@ import torch
 
 from patchgd import ConfigError, HeadConfig, InnerLoopConfig, PatchGDClassifier
 from patchgd.cli import main
-from patchgd.memory import measure
+from patchgd.memory import measure, optimizer_state_bytes
 from patchgd.planner import parse_size, plan_patchgd
 
 KWARGS = dict(
@@ -32,9 +32,13 @@ def test_the_planned_configuration_runs_under_its_budget(budget_mib):
     images = torch.randn(plan.batch_size, 3, 128, 128)
     targets = torch.arange(plan.batch_size) % 3
     optimizer = torch.optim.Adam(model.parameters())
+    model.training_step(images, targets, optimizer)  # the second step is the steady one
     _, report = measure(lambda: model.training_step(images, targets, optimizer))
     static = sum(p.numel() * 4 for p in model.parameters()) + images.numel() * 4
+    static += optimizer_state_bytes(optimizer)
     assert static + report.tensor_bytes <= budget
+    # The trials ran at most two of the ζ = 4 inner iterations; the full step peaks the same.
+    assert static + report.tensor_bytes == pytest.approx(plan.peak_bytes, rel=0.02)
     # One more image would not have fitted (the search found the largest batch).
     bigger = plan_patchgd(KWARGS, budget, max_batch=plan.batch_size + 1)
     assert bigger.batch_size == plan.batch_size

@@ -58,10 +58,21 @@ class LiveTensorBytes(TorchDispatchMode):
         self._storages: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output that shares an input's storage (a view, an in-place result such as the
+        # parameter Adam's addcdiv_ returns) allocated nothing: tracked already, or older
+        # than the call.
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self._track(tensor.untyped_storage())
+                storage = tensor.untyped_storage()
+                if storage._cdata not in inputs:
+                    self._track(storage)
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -116,3 +127,14 @@ def measure(fn: Callable[[], T], device: str | torch.device = "cpu") -> tuple[T,
         tensor_bytes = tracker.peak
     rss = _peak_rss() if can_reset_rss else None
     return result, MemoryReport(tensor_bytes=tensor_bytes, rss_bytes=rss, device=str(device))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps between steps (Adam: two per parameter)."""
+    storages = {
+        value.untyped_storage()._cdata: value.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    }
+    return sum(storages.values())

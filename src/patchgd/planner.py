@@ -1,9 +1,10 @@
 """Turning a memory budget into a training configuration, by measured trial steps.
 
 The paper met its 4/16/24 GB budgets by picking batch sizes by hand. :func:`plan_patchgd` does it
-by measurement. Each candidate configuration is built, one real training step (Adam, random
-images) runs under :func:`patchgd.memory.measure`, and a candidate counts only if weights,
-the batch and the step's peak fit the budget. The search order follows what matters most:
+by measurement. Each candidate configuration is built and trained for two real steps (Adam,
+random images); the second, steady-state step runs under :func:`patchgd.memory.measure`, and a
+candidate counts only if the weights, the batch, Adam's state and that step's peak fit the
+budget. The search order follows what matters most:
 
 1. the largest batch B (more images per step is what GD cannot afford);
 2. with k patches per inner iteration as configured, halved only when even one image does not fit;
@@ -15,19 +16,21 @@ patch by patch from disk does: no image is in memory, so only the weights count 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .baselines import DownscaledGDClassifier
 from .errors import ConfigError
 from .grid import PatchGrid
-from .memory import MemoryReport, measure
-from .model import PatchGDClassifier
+from .memory import MemoryReport, measure, optimizer_state_bytes
+from .model import Classifier, PatchGDClassifier
 from .patches import balanced_chunks
 
 _UNITS = {
@@ -65,7 +68,7 @@ class Plan:
     patches_per_step: int
     fill_chunk: int
     budget_bytes: int
-    static_bytes: int  # weights and the batch, live before the step
+    static_bytes: int  # weights, the batch and the optimizer state, live before the step
     step: MemoryReport  # the trial step's own peak
 
     @property
@@ -111,7 +114,13 @@ def _measure_step(
     device: torch.device,
     lazy: bool = False,
 ) -> tuple[int, MemoryReport]:
-    """One Adam training step on random images: (weights + batch bytes, the step's report)."""
+    """A steady-state Adam training step on random images: (bytes live before it, its report).
+
+    A first step creates Adam's state only at its very end, after the activations' peak; from
+    the second step on, the state is live throughout. So the state is created first, by one
+    optimizer step on zero gradients (no update: Adam's step is 0 / (0 + eps) = 0), and the
+    measured step is a steady one; weights, the batch and the state are live before it.
+    """
     model = model.to(device).train()
     model.zero_grad(set_to_none=True)
     if lazy:
@@ -122,10 +131,14 @@ def _measure_step(
         batch_bytes = images.numel() * images.element_size()
     targets = torch.arange(batch, device=device) % model.num_classes
     optimizer = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the state without moving the weights
+    model.zero_grad(set_to_none=True)
     _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
     model.zero_grad(set_to_none=True)
-    static = sum(p.numel() * p.element_size() for p in model.parameters())
-    return static + batch_bytes, report
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + batch_bytes + optimizer_state_bytes(optimizer), report
 
 
 def plan_patchgd(
@@ -160,7 +173,13 @@ def plan_patchgd(
     refusals: list[str] = []
 
     def trial(batch: int, k: int, chunk: int) -> Plan:
-        work.configure_loop(replace(base.loop_config, patches_per_step=k), fill_chunk=chunk)
+        # Every inner iteration repeats the first one's footprint: two of them (one optimizer
+        # step after them, or one after each) peak as high as all ζ, in a fraction of the time.
+        loop = replace(base.loop_config, patches_per_step=k)
+        resolved = loop.resolve(base.grid.num_patches)
+        zeta = min(resolved.inner_steps, 2)
+        loop = replace(loop, inner_steps=zeta, accumulation=min(resolved.accumulation, zeta))
+        work.configure_loop(loop, fill_chunk=chunk)
         static, report = _measure_step(
             work, batch, in_chans, base.grid.image_size, device, lazy=lazy
         )
@@ -213,7 +232,7 @@ class BaselinePlan:
     batch_size: int
     input_size: int | None
     budget_bytes: int
-    static_bytes: int
+    static_bytes: int  # weights, the batch and the optimizer state, live before the step
     step: MemoryReport
 
     @property
@@ -300,3 +319,122 @@ def plan_gd(
             f"{image_size} px even with the smallest batch" + (" and input" if downscale else "")
         )
     return best
+
+
+@dataclass(frozen=True)
+class ClassifierPlan:
+    """What :func:`plan_classifier` chose, and the config values that say so."""
+
+    budget_bytes: int
+    batch_size: int
+    predicted_peak_bytes: int
+    description: str
+    config_changes: dict[str, Any]  # dotted config key → planned value
+
+
+def plan_classifier(
+    classifier: Classifier,
+    budget: int | str,
+    batch_size: int,
+    *,
+    rebuild: Callable[[int], Classifier] | None = None,
+    lazy: bool = False,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> tuple[Classifier, ClassifierPlan]:
+    """Plan any classifier under ``budget``, with ``batch_size`` as the largest batch wanted.
+
+    PatchGD: the largest batch, then k and fill chunk (:func:`plan_patchgd`); ``classifier`` is
+    reconfigured in place. GD and GD-extended: the largest batch. Downscaled GD: the largest
+    input size at ``batch_size``, built by ``rebuild(size)``; the returned classifier is then a
+    new one, with the given one's weights where their shapes allow. ``lazy``: PatchGD's images are
+    read patch by patch from disk.
+    """
+    budget = parse_size(budget)
+    device = torch.device(device)
+    if isinstance(classifier, PatchGDClassifier):
+        plan = plan_patchgd(
+            classifier, budget, device=device, max_batch=batch_size, lazy=lazy, log=log
+        )
+        loop = replace(classifier.loop_config, patches_per_step=plan.patches_per_step)
+        classifier.configure_loop(loop, fill_chunk=plan.fill_chunk)
+        changes = {
+            "data.init_args.batch_size": plan.batch_size,
+            "model.classifier.init_args.loop": asdict(loop),
+            "model.classifier.init_args.fill_chunk": plan.fill_chunk,
+        }
+        batch = plan.batch_size
+        peak, text = plan.peak_bytes, str(plan)
+    else:
+        size = _source_side(classifier)
+        in_chans = _in_chans(classifier)
+        if isinstance(classifier, DownscaledGDClassifier):
+            if rebuild is None:
+                raise ConfigError("planning downscaled GD needs rebuild(input_size)")
+            base = plan_gd(
+                rebuild,
+                size,
+                budget,
+                in_chans=in_chans,
+                device=device,
+                downscale=True,
+                batch=batch_size,
+                log=log,
+            )
+            if base.input_size != classifier.image_size[0]:
+                resized = rebuild(base.input_size)
+                # CNN weights do not depend on the input size: keep the ones already initialised,
+                # so the run equals one configured with this input_size from the start.
+                # Size-dependent weights (position embeddings) keep their new initialisation.
+                with contextlib.suppress(RuntimeError):
+                    resized.load_state_dict(classifier.state_dict())
+                classifier = resized
+            changes = {"model.classifier.init_args.input_size": base.input_size}
+            batch = batch_size
+        else:
+            base = plan_gd(
+                lambda: copy.deepcopy(classifier),
+                size,
+                budget,
+                in_chans=in_chans,
+                device=device,
+                max_batch=batch_size,
+                log=log,
+            )
+            changes = {"data.init_args.batch_size": base.batch_size}
+            batch = base.batch_size
+        peak, text = base.peak_bytes, str(base)
+    return classifier, ClassifierPlan(budget, batch, peak, text, changes)
+
+
+def _source_side(classifier: Classifier) -> int:
+    size = getattr(classifier, "source_size", None) or classifier.image_size
+    if size[0] != size[1]:
+        raise ConfigError(f"the memory planner plans square images; the model takes {size}")
+    return int(size[0])
+
+
+def _in_chans(classifier: Classifier) -> int:
+    for module in classifier.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return module.in_channels
+    raise ConfigError(f"cannot tell the input channels of {type(classifier).__name__}")
+
+
+def cap_cuda_memory(budget: int, device: torch.device) -> float | None:
+    """Cap this process's CUDA allocations on ``device`` at ``budget`` bytes; the fraction set.
+
+    A no-op (``None``) off CUDA. The cap makes an allocation beyond the budget fail with an
+    out-of-memory error instead of quietly using more of the card.
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget > total:
+        raise ConfigError(
+            f"memory budget {budget / 2**30:.2f} GiB is more than {device}'s "
+            f"{total / 2**30:.2f} GiB"
+        )
+    fraction = budget / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction

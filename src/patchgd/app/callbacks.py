@@ -58,7 +58,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _memory_plan(task: L.LightningModule) -> dict[str, Any]:
-    """The ``--memory-budget`` plan and the first step's measured peak, when there was one."""
+    """The ``--memory-budget`` plan and the second step's measured peak, when there was one."""
     plan = getattr(task, "memory_plan", None)
     if plan is None:
         return {}

@@ -14,8 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError
-from ..planner import parse_size
-from .budget import plan_run
+from ..planner import parse_size, plan_classifier
 from .callbacks import PredictionWriter, RunSummary, TrainingCurves
 from .task import PatchGDTask
 
@@ -99,10 +98,19 @@ class PatchGDCLI(LightningCLI):
         rank_zero_info(f"planning under {config.memory_budget} on {device} (trial steps):")
         args = config["model.classifier.init_args"]
         args = args.as_dict() if hasattr(args, "as_dict") else dict(args)
+        rebuild = lambda size: type(task.classifier)(**{**args, "input_size": size})  # noqa: E731
+        data = self.datamodule
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            classifier, run_plan = plan_run(
-                task.classifier, args, self.datamodule, task.memory_budget, device, rank_zero_info
+            classifier, run_plan = plan_classifier(
+                task.classifier,
+                task.memory_budget,
+                data.batch_size,
+                rebuild=rebuild,
+                lazy=getattr(data, "mode", None) == "lazy",
+                device=device,
+                log=rank_zero_info,
             )
+        data.batch_size = run_plan.batch_size
         if classifier is not task.classifier:
             task.set_classifier(classifier)
         task.memory_plan = run_plan

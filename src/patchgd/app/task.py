@@ -27,9 +27,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 from ..algorithm import StepHooks, StepResult, keep_modes
 from ..errors import ConfigError
-from ..memory import measure
+from ..memory import measure, optimizer_state_bytes
 from ..model import Classifier, PatchGDClassifier
-from .budget import RunPlan, cap_cuda_memory
+from ..planner import ClassifierPlan, cap_cuda_memory
 
 
 def warmup_then_linear_decay(
@@ -98,10 +98,11 @@ class PatchGDTask(L.LightningModule):
         self.automatic_optimization = False
         self.set_classifier(classifier)
         # Set by the command line's --memory-budget (not hyperparameters: a budget is about the
-        # machine, not the model): the cap, the plan, and the first step's measured peak.
+        # machine, not the model): the cap, the plan, and the second step's measured peak.
         self.memory_budget: int | None = None
-        self.memory_plan: RunPlan | None = None
+        self.memory_plan: ClassifierPlan | None = None
         self.measured_peak_bytes: int | None = None
+        self._training_steps_run = 0
         n = classifier.num_classes
         self.train_metrics = _metrics(n, "train/")
         self.val_metrics = _metrics(n, "val/")
@@ -205,10 +206,12 @@ class PatchGDTask(L.LightningModule):
         def step() -> StepResult:
             return self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
 
-        if self.memory_plan is not None and self.measured_peak_bytes is None:
-            result = self._measure_first_step(step, images)
+        # The second step is the first in steady state: Adam's state is live throughout it.
+        if self.memory_plan is not None and self._training_steps_run == 1:
+            result = self._measure_step(step, images, optimizer)
         else:
             result = step()
+        self._training_steps_run += 1
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
         self.train_metrics.update(result.logits.float(), targets)
@@ -227,16 +230,19 @@ class PatchGDTask(L.LightningModule):
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
         self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
 
-    def _measure_first_step(self, step: Callable[[], StepResult], images: Any) -> StepResult:
-        """Run the first training step under the memory probe and report it beside the plan."""
+    def _measure_step(
+        self, step: Callable[[], StepResult], images: Any, optimizer: Any
+    ) -> StepResult:
+        """Run a training step under the memory probe and report it beside the plan."""
+        state = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer))
         result, report = measure(step, self.device)
         batch_bytes = images.numel() * images.element_size() if isinstance(images, Tensor) else 0
         weights = sum(p.numel() * p.element_size() for p in self.classifier.parameters())
-        self.measured_peak_bytes = weights + batch_bytes + report.tensor_bytes
+        self.measured_peak_bytes = weights + batch_bytes + state + report.tensor_bytes
         plan = self.memory_plan
         assert plan is not None
         rank_zero_info(
-            f"memory: the first training step peaked at {self.measured_peak_bytes / 2**20:.1f} "
+            f"memory: the second training step peaked at {self.measured_peak_bytes / 2**20:.1f} "
             f"MiB; the plan predicted {plan.predicted_peak_bytes / 2**20:.1f} MiB of the "
             f"{plan.budget_bytes / 2**20:.1f} MiB budget"
         )
