@@ -125,3 +125,14 @@ def output_page(args: argparse.Namespace) -> Path | None:
     if args.page is not None:
         return args.page
     return None if args.quick else PAGE
+
+
+def fill_chunk(args: argparse.Namespace) -> int:
+    """The Z-fill chunk a run uses: ``--fill-chunk``, else the library's default for the device."""
+    import torch
+
+    from patchgd.model import DEFAULT_FILL_CHUNK
+
+    if args.fill_chunk is not None:
+        return args.fill_chunk
+    return DEFAULT_FILL_CHUNK.get(torch.device(args.device).type, 256)

@@ -42,6 +42,7 @@ import torch
 from _report import (
     add_common_options,
     command_line,
+    fill_chunk,
     machine_line,
     markdown_table,
     output_page,
@@ -281,7 +282,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, figure: str | None) -> s
         "",
         "- **GD**: `GDClassifier.forward`, the backbone on the whole image.",
         f"- **PatchGD**: `PatchGDClassifier.forward`: every {args.patch_size} px patch encoded "
-        f"into Z (Algorithm 2, up to {args.fill_chunk} patches per encoder call, "
+        f"into Z (Algorithm 2, up to {fill_chunk(args)} patches per encoder call, "
         f"latent_dim {args.latent_dim}), then the head once on Z.",
         "",
         "Both run in eval mode under `torch.no_grad()`"
@@ -353,7 +354,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch-size", type=int, help="patch side (default 256; quick 128)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--repeats", type=int, help="timed calls per model (default 3; quick 2)")
-    parser.add_argument("--fill-chunk", type=int, default=256, help="patches per encoder call")
+    parser.add_argument(
+        "--fill-chunk",
+        type=int,
+        help="patches per encoder call in the Z-fill (default: the library's for the device)",
+    )
     parser.add_argument("--latent-dim", type=int, default=256)
     parser.add_argument(
         "--channels-last", action="store_true", help="both models and the batch in channels-last"

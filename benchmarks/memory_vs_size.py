@@ -1,9 +1,9 @@
 """Peak training-step memory against image size: GD against PatchGD, batch of one image.
 
 For every backbone, method and image side, one Adam training step runs in a fresh subprocess of
-this script under :func:`patchgd.memory.measure`. Its peak is weights + batch + the step's peak of
-live tensor bytes (the definition of :mod:`patchgd.planner`); the process's peak RSS and the
-step's time are shown beside it. Methods:
+this script under :func:`patchgd.planner.measure_training_step` (a steady step: Adam's state
+already live). Its peak is weights + batch + Adam state + the step's peak of live tensor bytes,
+the planner's definition; the process's peak RSS and the step's time are shown beside it. Methods:
 
 - GD: the backbone on the whole image (``GDClassifier``), the image a float32 tensor;
 - PatchGD, image in memory: ``PatchGDClassifier`` on the same float32 tensor;
@@ -62,11 +62,11 @@ def _param_bytes(module: Any) -> int:
 
 
 def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build the model and its batch, run one Adam step under ``measure``, report the figures."""
+    """Build the model and its batch, measure a steady Adam step, report the figures."""
     import torch
 
     from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier
-    from patchgd.memory import measure
+    from patchgd.planner import measure_training_step
 
     torch.manual_seed(0)
     if spec["threads"]:
@@ -99,18 +99,17 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
         batch = torch.randn(1, IN_CHANS, size, size, device=device)
         batch_bytes = batch.numel() * batch.element_size()
     targets = torch.arange(1, device=device) % NUM_CLASSES
-    optimizer = torch.optim.Adam(model.parameters())
-
     start = time.perf_counter()
-    _, report = measure(lambda: model.training_step(batch, targets, optimizer), device)
+    static, report = measure_training_step(model, batch, targets, device)
     seconds = time.perf_counter() - start
     weights = _param_bytes(model)
     return {
         "weights_bytes": weights,
+        "static_bytes": static,
         "batch_bytes": batch_bytes,
         "head_bytes": None if method == GD else _param_bytes(model.head),
         "step_bytes": report.tensor_bytes,
-        "peak_bytes": weights + batch_bytes + report.tensor_bytes,
+        "peak_bytes": static + report.tensor_bytes,
         "rss_bytes": report.rss_bytes,
         "seconds": seconds,
         "grid": None if method == GD else list(model.grid.shape),
@@ -326,7 +325,7 @@ def table(rows: list[Row], patch: int) -> str:
         "grid",
         "peak (MiB)",
         "step tensors (MiB)",
-        "weights + batch (MiB)",
+        "weights + batch + Adam state (MiB)",
         "peak RSS (MiB)",
         "step (s)",
     ]
@@ -343,7 +342,7 @@ def table(rows: list[Row], patch: int) -> str:
                     grid,
                     f"**{mib(res['peak_bytes'])}**",
                     mib(res["step_bytes"]),
-                    mib(res["weights_bytes"] + res["batch_bytes"]),
+                    mib(res["static_bytes"]),
                     mib(res["rss_bytes"]),
                     f"{res['seconds']:.1f}",
                 ]
@@ -431,13 +430,14 @@ def report(args: argparse.Namespace, rows: list[Row], figure_name: str | None) -
     lines = [
         "## Peak training-step memory against image size",
         "",
-        "`benchmarks/memory_vs_size.py` runs one Adam training step on a batch of one image "
+        "`benchmarks/memory_vs_size.py` measures a steady Adam training step (the optimizer "
+        "state already created) on a batch of one image "
         f"(3 channels, {NUM_CLASSES} classes, random init) at each image side, each in a fresh "
         "process, for GD and PatchGD.",
         "",
-        "- **Peak** = weights + the batch (both live before the step) + the step's peak of live "
-        f"tensor bytes from `patchgd.memory.measure` ({device}); the step's part includes the "
-        "gradients and the Adam state it creates. This is `patchgd.planner`'s definition. "
+        "- **Peak** = weights + the batch + Adam's state (all live before the step) + the "
+        f"step's peak of live tensor bytes from `patchgd.memory.measure` ({device}); the "
+        "step's part includes the gradients. This is `patchgd.planner`'s definition. "
         "**Peak RSS** is the process's resident peak during the step: torch, libraries and "
         "allocator slack included.",
         f"- GD: the backbone on the whole image (`GDClassifier`), a float32 tensor "
@@ -456,8 +456,9 @@ def report(args: argparse.Namespace, rows: list[Row], figure_name: str | None) -
         f"- GD runs only where a straight line in pixels through its two largest measured sizes "
         f"predicts a peak and RSS under {args.max_gd_gib:g} GiB (`--max-gd-gib`); larger sizes "
         "show that line's value in italics, **a prediction, not a measurement**.",
-        "- Step time: wall time of the one measured step (the first, so it includes one-time "
-        "setup; on the CPU the counting dispatch mode adds some overhead).",
+        "- Step time: wall time of the measured step with the optimizer-state set-up before "
+        "it (the first forward, so it includes one-time setup; on the CPU the counting dispatch "
+        "mode adds some overhead).",
         "",
         f"`{command_line()}`",
         "",

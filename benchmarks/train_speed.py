@@ -49,6 +49,7 @@ import torch
 from _report import (
     add_common_options,
     command_line,
+    fill_chunk,
     machine_line,
     markdown_table,
     output_page,
@@ -461,7 +462,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, figure: str | None) -> s
         "- **PatchGD, 100 %**: `PatchGDClassifier.training_step` with "
         f"`InnerLoopConfig(sampling_fraction={args.sampling_fraction:g}, "
         "max_visit_fraction=1.0)`: the Z-fill (every patch encoded without gradients, up to "
-        f"{args.fill_chunk} per encoder call), then ζ inner iterations that each re-encode k "
+        f"{fill_chunk(args)} per encoder call), then ζ inner iterations that each re-encode k "
         "patches per image with gradients and run the head on Z, so every patch is re-encoded "
         "once; ε = ζ, one optimizer step per batch as in GD.",
         "- **PatchGD, 50 %**: the same with `max_visit_fraction=0.5`: half the patches "
@@ -571,7 +572,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.25,
         help="k as a fraction of the grid (default 0.25: ζ = 4 at 100 %%, 2 at 50 %%)",
     )
-    parser.add_argument("--fill-chunk", type=int, default=256, help="patches per encoder call")
+    parser.add_argument(
+        "--fill-chunk",
+        type=int,
+        help="patches per encoder call in the Z-fill (default: the library's for the device)",
+    )
     parser.add_argument("--latent-dim", type=int, default=256)
     parser.add_argument(
         "--channels-last", action="store_true", help="both models and the batch in channels-last"

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     plan = commands.add_parser(
-        "plan", help="the largest PatchGD batch, k and fill chunk that fit a memory budget"
+        "plan", help="the largest PatchGD batch (and k, fill chunk) that fits a memory budget"
     )
     plan.add_argument("--memory-budget", required=True, help="e.g. 4GB, 512MiB")
     plan.add_argument("--backbone", required=True, help="timm model name")
@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--in-chans", type=int, default=3)
     plan.add_argument("--latent-dim", type=int, default=256)
     plan.add_argument("--sampling-fraction", type=float, default=0.1, help="starting k / grid")
-    plan.add_argument("--fill-chunk", type=int, default=256, help="starting fill chunk")
+    plan.add_argument(
+        "--fill-chunk", type=int, help="fill chunk (default: the device's, 4 on CPU, 256 on CUDA)"
+    )
     plan.add_argument("--max-batch", type=int, default=64)
     plan.add_argument("--device", default="cpu")
     plan.set_defaults(run=_plan)

@@ -30,6 +30,12 @@ from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+#: Patches per encoder call while filling Z, by device type, when ``fill_chunk`` is not given.
+#: On the CPU small chunks are fastest: a chunk's activations then fit the caches and stay below
+#: the allocator's threshold for fresh (page-faulted) memory; ResNet50 fills a 1024 px image
+#: 2× faster in chunks of 2 than of 16 on two cores (docs/benchmarks.md). GPUs want large ones.
+DEFAULT_FILL_CHUNK: dict[str, int] = {"cpu": 4, "cuda": 256}
+
 
 class Classifier(nn.Module):
     """What PatchGD and the baselines share: logits from images, and one training step."""
@@ -68,7 +74,8 @@ class PatchGDClassifier(Classifier):
         head: shape of the head on Z (the paper's head by default).
         loop: k, ζ, ε and the visit cap (:class:`InnerLoopConfig`).
         sampler: the patch sampler (uniform, per image, by default).
-        fill_chunk: most patches encoded at once while filling Z.
+        fill_chunk: most patches encoded at once while filling Z; by default
+            :data:`DEFAULT_FILL_CHUNK` for the encoder's device (small on the CPU, large on CUDA).
         fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
             (see :func:`patchgd.algorithm.fill_mode`).
         seed: seed of the default sampler.
@@ -93,7 +100,7 @@ class PatchGDClassifier(Classifier):
         head: HeadConfig | None = None,
         loop: InnerLoopConfig | None = None,
         sampler: PatchSampler | None = None,
-        fill_chunk: int = 256,
+        fill_chunk: int | None = None,
         fill_norm: FillNorm = "batch",
         seed: int = 0,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -103,7 +110,8 @@ class PatchGDClassifier(Classifier):
         self.loop_config = loop or InnerLoopConfig()
         self.loop = self.loop_config.resolve(self.grid.num_patches)  # fail early
         check_fill_norm(fill_norm)
-        self.fill_chunk = fill_chunk
+        self.fill_chunk: int | None = None
+        self.configure_loop(fill_chunk=fill_chunk)
         self.fill_norm: FillNorm = fill_norm
         self.num_classes = num_classes
         self.encoder = PatchEncoder(
@@ -120,16 +128,24 @@ class PatchGDClassifier(Classifier):
             resolved = loop.resolve(self.grid.num_patches)
             self.loop_config, self.loop = loop, resolved
         if fill_chunk is not None:
-            if fill_chunk < 1:
+            if isinstance(fill_chunk, bool) or fill_chunk < 1:
                 raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
             self.fill_chunk = fill_chunk
 
+    def chunk_for(self, device: torch.device | str | None = None) -> int:
+        """The fill chunk used on ``device`` (default: the encoder's)."""
+        if self.fill_chunk is not None:
+            return self.fill_chunk
+        if device is None:
+            device = next(self.encoder.parameters()).device
+        return DEFAULT_FILL_CHUNK.get(torch.device(device).type, 256)
+
     def fill_z(self, images: Tensor | PatchProvider) -> Tensor:
         """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""
-        return fill_z(self.encoder, images, self.grid, self.fill_chunk, self.fill_norm)
+        return fill_z(self.encoder, images, self.grid, self.chunk_for(), self.fill_norm)
 
     def forward(self, images: Tensor | PatchProvider) -> Tensor:
-        return infer(self.encoder, self.head, self.grid, images, self.fill_chunk)
+        return infer(self.encoder, self.head, self.grid, images, self.chunk_for())
 
     def training_step(
         self,
@@ -158,7 +174,7 @@ class PatchGDClassifier(Classifier):
             self.loop_config,
             self.sampler,
             loss_fn=loss_fn,
-            fill_chunk=self.fill_chunk,
+            fill_chunk=self.chunk_for(),
             fill_norm=self.fill_norm,
             candidates=candidates,
             hooks=hooks,

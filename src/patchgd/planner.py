@@ -7,8 +7,9 @@ candidate counts only if the weights, the batch, Adam's state and that step's pe
 budget. The search order follows what matters most:
 
 1. the largest batch B (more images per step is what GD cannot afford);
-2. with k patches per inner iteration as configured, halved only when even one image does not fit;
-3. then the largest Z-fill chunk at that B (a faster fill, same result).
+2. with k patches per inner iteration and the Z-fill chunk as configured, both halved only when
+   even one image does not fit. The chunk is never enlarged: a larger chunk fills no faster on
+   the CPU (see :data:`patchgd.model.DEFAULT_FILL_CHUNK`).
 
 With ``lazy=True`` the trial steps take random patches on demand, as a run whose images are read
 patch by patch from disk does: no image is in memory, so only the weights count as static.
@@ -106,30 +107,20 @@ class _RandomPatches:
             yield ids, self._patches(len(ids))
 
 
-def _measure_step(
-    model: Any,
-    batch: int,
-    in_chans: int,
-    size: tuple[int, int],
-    device: torch.device,
-    lazy: bool = False,
+def measure_training_step(
+    model: Any, images: Any, targets: Tensor, device: str | torch.device = "cpu"
 ) -> tuple[int, MemoryReport]:
-    """A steady-state Adam training step on random images: (bytes live before it, its report).
+    """The memory of a steady-state Adam training step: (bytes live before it, its report).
 
     A first step creates Adam's state only at its very end, after the activations' peak; from
     the second step on, the state is live throughout. So the state is created first, by one
     optimizer step on zero gradients (no update: Adam's step is 0 / (0 + eps) = 0), and the
-    measured step is a steady one; weights, the batch and the state are live before it.
+    measured step is a steady one. Live before it: the weights, the batch (when ``images`` is a
+    tensor; a lazy provider holds no pixels) and the optimizer state. The peak of the step is
+    their sum plus ``report.tensor_bytes``.
     """
+    device = torch.device(device)
     model = model.to(device).train()
-    model.zero_grad(set_to_none=True)
-    if lazy:
-        images: Any = _RandomPatches(batch, model.grid, in_chans, device)
-        batch_bytes = 0
-    else:
-        images = torch.randn(batch, in_chans, *size, device=device)
-        batch_bytes = images.numel() * images.element_size()
-    targets = torch.arange(batch, device=device) % model.num_classes
     optimizer = torch.optim.Adam(model.parameters())
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -138,7 +129,25 @@ def _measure_step(
     _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
     model.zero_grad(set_to_none=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + batch_bytes + optimizer_state_bytes(optimizer), report
+    batch = images.numel() * images.element_size() if isinstance(images, Tensor) else 0
+    return weights + batch + optimizer_state_bytes(optimizer), report
+
+
+def _measure_step(
+    model: Any,
+    batch: int,
+    in_chans: int,
+    size: tuple[int, int],
+    device: torch.device,
+    lazy: bool = False,
+) -> tuple[int, MemoryReport]:
+    """:func:`measure_training_step` on random images (or random patches, ``lazy``)."""
+    if lazy:
+        images: Any = _RandomPatches(batch, model.grid, in_chans, device)
+    else:
+        images = torch.randn(batch, in_chans, *size, device=device)
+    targets = torch.arange(batch, device=device) % model.num_classes
+    return measure_training_step(model, images, targets, device)
 
 
 def plan_patchgd(
@@ -150,12 +159,12 @@ def plan_patchgd(
     lazy: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Plan:
-    """The largest batch (then fill chunk) whose measured training step fits ``budget``.
+    """The largest batch whose measured training step fits ``budget`` (k and chunk if need be).
 
     Args:
         model: the model to plan for (left unchanged: trials run on a copy), or
             :class:`~patchgd.PatchGDClassifier` arguments. Its k (``patches_per_step`` or the
-            sampling fraction) is the starting k, its ``fill_chunk`` the starting chunk.
+            sampling fraction) is the starting k, its fill chunk on ``device`` the chunk.
         budget: bytes, or a size such as ``"4GB"``.
         device: where the trial steps run (the device the plan is for).
         max_batch: the largest batch tried.
@@ -168,7 +177,7 @@ def plan_patchgd(
     work = copy.deepcopy(base)  # trial steps change weights and statistics: never the user's
     in_chans = base.encoder.in_chans
     k, n = base.loop.patches_per_step, base.grid.num_patches
-    chunk = min(base.fill_chunk, n)
+    chunk = min(base.chunk_for(device), n)
 
     refusals: list[str] = []
 
@@ -210,13 +219,7 @@ def plan_patchgd(
             f"memory budget {budget / 2**20:.1f} MiB is too small: the smallest configuration "
             f"(batch {start}, k {k}, fill chunk {chunk}) needs {smallest:.1f} MiB"
         )
-    best = _largest(lambda batch: fits(batch, k, chunk), start, max_batch) or best
-    while best.fill_chunk * 2 <= best.batch_size * n:  # then a larger fill chunk, if it fits
-        larger = fits(best.batch_size, k, best.fill_chunk * 2)
-        if larger is None:
-            break
-        best = larger
-    return best
+    return _largest(lambda batch: fits(batch, k, chunk), start, max_batch) or best
 
 
 def _needs_two_images(model: PatchGDClassifier) -> bool:
