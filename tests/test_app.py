@@ -147,16 +147,14 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
 def test_every_config_parses_and_builds_its_model(config, tmp_path, monkeypatch):
-    from lightning.pytorch.cli import LightningCLI
-
-    from patchgd.app.cli import trainer_defaults
+    from patchgd.app.cli import PatchGDCLI, trainer_defaults
     from patchgd.app.task import PatchGDTask
     from patchgd.model import Classifier
 
     monkeypatch.chdir(tmp_path)
     header = config.read_text().splitlines()[:6]
     assert any(line.startswith("#   patchgd ") for line in header), "no command in the header"
-    cli = LightningCLI(
+    cli = PatchGDCLI(  # run=False: parses and builds; a memory budget would plan only on fit
         PatchGDTask,
         None,
         subclass_mode_data=True,
