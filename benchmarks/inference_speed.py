@@ -30,11 +30,8 @@ full-image passes (and PatchGD's large fill chunks) up to a third of their time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +46,7 @@ from _report import (
     save_figure,
     write_section,
 )
-from torch import nn
+from _timing import ForwardClock, environment_line, num, progress, timed
 
 from patchgd import GDClassifier, PatchGDClassifier
 
@@ -59,60 +56,6 @@ TARGET_SIZE = 2048  # where the target applies: PatchGD at least as fast as GD
 TARGET_RATIO = 1.0
 # The paper's figures (A100, ResNet50, 2048 px), images per second.
 PAPER = {"size": 2048, "gd": 39.0, "patchgd": 32.5}
-
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call, with the device's queue drained before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-class ForwardClock:
-    """Sums the time spent inside a module's forward calls, through forward hooks.
-
-    On CUDA the hooks record events instead of synchronizing, so the timed call is not slowed;
-    read :meth:`take` only after the call has been synchronized.
-    """
-
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.spans: list[tuple[object, object]] = []
-        self._start: object = None
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _now(self) -> object:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _pre(self, module: nn.Module, args: object) -> None:
-        self._start = self._now()
-
-    def _post(self, module: nn.Module, args: object, output: object) -> None:
-        self.spans.append((self._start, self._now()))
-
-    def take(self) -> float:
-        """Seconds inside forward since the last call, then start afresh."""
-        if self.cuda:
-            total = sum(a.elapsed_time(b) for a, b in self.spans) / 1000  # type: ignore[attr-defined]
-        else:
-            total = sum(b - a for a, b in self.spans)  # type: ignore[operator]
-        self.spans.clear()
-        return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,42 +121,11 @@ def measure(backbone: str, size: int, args: argparse.Namespace, device: torch.de
     for _ in range(args.repeats):
         row.gd.append(timed(run_gd, device) / args.batch)
         row.patchgd.append(timed(run_patchgd, device) / args.batch)
-        row.fill.append(clock.take() / args.batch)
+        row.fill.append(sum(clock.take()) / args.batch)  # all without autograd here
         progress(
             f"{backbone} {size} px: GD {row.gd[-1]:.3g} s/img, PatchGD {row.patchgd[-1]:.3g} s/img"
         )
     return row
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def environment_line() -> str:
-    """Environment variables that change CPU speed (threads, spinning, allocator), if set."""
-    keys = sorted(
-        k
-        for k in os.environ
-        if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_", "DNNL_", "ONEDNN_"))
-        or k == "LD_PRELOAD"
-    )
-    if not keys:
-        return "- environment: no OMP_*, MALLOC_* or LD_PRELOAD settings (glibc malloc defaults)"
-    return "- environment: " + ", ".join(f"`{k}={os.environ[k]}`" for k in keys)
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-def num(x: float) -> str:
-    """About three significant digits, without scientific notation for the usual ranges."""
-    if x >= 100:
-        return f"{x:,.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    if x >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
 
 
 def target_lines(rows: list[Row], backbones: list[str]) -> list[str]:

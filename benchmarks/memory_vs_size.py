@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import (  # noqa: E402
     add_common_options,
@@ -45,6 +43,7 @@ from _report import (  # noqa: E402
     save_figure,
     write_section,
 )
+from read_memory import write_tiff  # noqa: E402
 
 SECTION = "memory"
 FIGURE = "memory_vs_size"
@@ -119,32 +118,6 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # The parent: TIFFs, the run plan, predictions, the report
 # --------------------------------------------------------------------------------------------
-def write_tiff(path: Path, size: int, tile: int, compression: str | None) -> None:
-    """size x size RGB, written tile by tile: one smooth tile shifted by a per-tile offset."""
-    import tifffile
-
-    ramp = np.add.outer(np.arange(tile), np.arange(tile)) % 200
-    base = np.stack([ramp, ramp[::-1], ramp.T], axis=-1).astype(np.uint8)
-    n = -(-size // tile)
-
-    def tiles() -> Any:
-        for i in range(n):
-            for j in range(n):
-                yield base + np.uint8((i * 13 + j * 7) % 50)
-
-    tifffile.imwrite(
-        path,
-        tiles(),
-        shape=(size, size, 3),
-        dtype=np.uint8,
-        tile=(tile, tile),
-        photometric="rgb",
-        compression=compression,
-        compressionargs={"level": 1} if compression == "zlib" else None,
-        bigtiff=True,
-    )
-
-
 @dataclass
 class Row:
     """One table row: a measurement, a prediction, or a run left out (with the reason)."""
@@ -201,7 +174,8 @@ def run_all(args: argparse.Namespace, spec_base: dict[str, Any]) -> list[Row]:
             if size not in tiffs:
                 path = Path(workdir) / f"image_{size}.tif"
                 start = time.perf_counter()
-                write_tiff(path, size, args.tile, args.compression)
+                level = 1 if args.compression == "zlib" else None  # the fastest to write
+                write_tiff(path, size, args.tile, args.compression, level)
                 log(
                     f"wrote {size} px TIFF ({path.stat().st_size / 2**20:.1f} MiB) "
                     f"in {time.perf_counter() - start:.1f} s"

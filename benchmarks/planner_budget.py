@@ -39,7 +39,7 @@ from patchgd import (  # noqa: E402
     InnerLoopConfig,
     PatchGDClassifier,
 )
-from patchgd.memory import measure  # noqa: E402
+from patchgd.memory import live_training_bytes, measure  # noqa: E402
 from patchgd.planner import parse_size, plan_classifier  # noqa: E402
 
 SECTION = FIGURE = "planner"
@@ -114,8 +114,7 @@ def run_case(case: Case, device: torch.device, check_steps: int) -> dict[str, An
             model.training_step(images, targets, optimizer)
 
     _, report = measure(train, device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = weights + images.numel() * images.element_size() + report.tensor_bytes
+    peak = live_training_bytes(model, images) + report.tensor_bytes
     budget = parse_size(case.budget)
     loop = getattr(model, "loop", None)
     return {

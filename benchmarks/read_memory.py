@@ -31,8 +31,13 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB else
 
 
-def write_tiff(path: Path, size: int, tile: int, compression: str) -> None:
-    """size x size RGB: per-tile colour ramp plus 4 bits of noise, written tile by tile."""
+def write_tiff(
+    path: Path, size: int, tile: int, compression: str | None, level: int | None = None
+) -> None:
+    """size x size RGB: per-tile colour ramp plus 4 bits of noise, written tile by tile.
+
+    ``compression`` is a tifffile name or ``None``; ``level`` its level (1: fastest zlib).
+    """
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -52,6 +57,7 @@ def write_tiff(path: Path, size: int, tile: int, compression: str) -> None:
         tile=(tile, tile),
         photometric="rgb",
         compression=compression,
+        compressionargs=None if level is None else {"level": level},
         bigtiff=True,
     )
 

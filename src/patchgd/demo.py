@@ -22,7 +22,7 @@ from .algorithm import InnerLoopConfig
 from .baselines import DownscaledGDClassifier, GDClassifier
 from .data.ultramnist import UltraMNIST, UltraMNISTConfig
 from .head import HeadConfig
-from .memory import measure
+from .memory import live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
 from .planner import parse_size, plan_classifier
 
@@ -157,7 +157,6 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: bool = True) -> list[DemoResul
             losses.append(loss)
             say(f"{method:15s} epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.3f}")
         timed = seconds[1:] or seconds  # the probe slows the first epoch down
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         acc, qwk = evaluate(model, DataLoader(val, cfg.batch_size))
         results.append(
             DemoResult(
@@ -167,7 +166,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: bool = True) -> list[DemoResul
                 acc,
                 qwk,
                 losses[-1],
-                weights + report.tensor_bytes,
+                live_training_bytes(model) + report.tensor_bytes,
                 budget,
                 sum(timed) / len(timed),
             )

@@ -138,3 +138,18 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         if isinstance(value, torch.Tensor)
     }
     return sum(storages.values())
+
+
+def live_training_bytes(
+    model: torch.nn.Module,
+    images: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Bytes live before a training step: the weights, the batch and the optimizer's state.
+
+    ``images`` counts only as a tensor: a provider of lazily read patches holds no pixels.
+    """
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch = images.numel() * images.element_size() if isinstance(images, torch.Tensor) else 0
+    state = 0 if optimizer is None else optimizer_state_bytes(optimizer)
+    return weights + batch + state

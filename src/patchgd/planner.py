@@ -30,7 +30,7 @@ from torch import Tensor
 from .baselines import DownscaledGDClassifier
 from .errors import ConfigError
 from .grid import PatchGrid
-from .memory import MemoryReport, measure, optimizer_state_bytes
+from .memory import MemoryReport, live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
 from .patches import balanced_chunks
 
@@ -128,9 +128,7 @@ def measure_training_step(
     model.zero_grad(set_to_none=True)
     _, report = measure(lambda: model.training_step(images, targets, optimizer), device)
     model.zero_grad(set_to_none=True)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    batch = images.numel() * images.element_size() if isinstance(images, Tensor) else 0
-    return weights + batch + optimizer_state_bytes(optimizer), report
+    return live_training_bytes(model, images, optimizer), report
 
 
 def _measure_step(

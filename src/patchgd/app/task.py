@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 from ..algorithm import StepHooks, StepResult, keep_modes
 from ..errors import ConfigError
-from ..memory import measure, optimizer_state_bytes
+from ..memory import live_training_bytes, measure
 from ..model import Classifier, PatchGDClassifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 
@@ -234,11 +234,10 @@ class PatchGDTask(L.LightningModule):
         self, step: Callable[[], StepResult], images: Any, optimizer: Any
     ) -> StepResult:
         """Run a training step under the memory probe and report it beside the plan."""
-        state = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer))
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+        live = live_training_bytes(self.classifier, images, optimizer)
         result, report = measure(step, self.device)
-        batch_bytes = images.numel() * images.element_size() if isinstance(images, Tensor) else 0
-        weights = sum(p.numel() * p.element_size() for p in self.classifier.parameters())
-        self.measured_peak_bytes = weights + batch_bytes + state + report.tensor_bytes
+        self.measured_peak_bytes = live + report.tensor_bytes
         plan = self.memory_plan
         assert plan is not None
         rank_zero_info(
