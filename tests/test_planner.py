@@ -107,3 +107,16 @@ def test_gd_baselines_get_their_largest_batch_or_resolution_and_patchgd_a_larger
     assert down.peak_bytes <= budget and down.input_size % 32 == 0 and down.input_size <= 128
     # The paper's point in miniature: at the same budget PatchGD keeps a larger batch.
     assert plan_patchgd(KWARGS, budget).batch_size > gd.batch_size
+
+
+def test_gd_whose_head_cannot_train_on_one_image_is_planned_from_two():
+    """GD-extended on a small image: its head's BatchNorm sees a 1×1 grid, so a batch of one is
+    invalid (not too big); the search must go on from two instead of calling the budget small."""
+    from patchgd import GDExtendedClassifier
+    from patchgd.planner import plan_gd
+
+    build = lambda: GDExtendedClassifier("test_resnet", 3, 64, latent_dim=16)  # noqa: E731
+    with pytest.raises(ConfigError, match="batch of 1"):
+        build().train()(torch.rand(1, 3, 64, 64))
+    plan = plan_gd(build, 64, 64 * 2**20, max_batch=4)
+    assert 2 <= plan.batch_size <= 4 and plan.peak_bytes <= 64 * 2**20

