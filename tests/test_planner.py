@@ -120,3 +120,12 @@ def test_gd_whose_head_cannot_train_on_one_image_is_planned_from_two():
         build().train()(torch.rand(1, 3, 64, 64))
     plan = plan_gd(build, 64, 64 * 2**20, max_batch=4)
     assert 2 <= plan.batch_size <= 4 and plan.peak_bytes <= 64 * 2**20
+
+
+def test_patchgd_whose_encoder_cannot_train_on_one_image_is_planned_from_two():
+    """A linear head has no norm, but one patch per inner iteration through the encoder's
+    BatchNorm cannot train: a batch of one is invalid, and the plan starts from two."""
+    kwargs = {**KWARGS, "head": HeadConfig(stride1_layers=0, stride2_layers=0, dropout=0.0)}
+    kwargs["loop"] = InnerLoopConfig(patches_per_step=1)
+    plan = plan_patchgd(kwargs, 64 * 2**20, max_batch=4)
+    assert 2 <= plan.batch_size <= 4 and plan.patches_per_step == 1

@@ -204,7 +204,12 @@ def plan_patchgd(
         return result if result.peak_bytes <= budget else None
 
     start = 2 if _needs_two_images(base) else 1
+    refused = len(refusals)
     best = fits(start, k, chunk)
+    if best is None and start == 1 and len(refusals) > refused and max_batch >= 2:
+        # One image cannot train (e.g. one patch through the encoder's BatchNorm): not memory.
+        start = 2
+        best = fits(start, k, chunk)
     while best is None and (k > 1 or chunk > 2):  # shrink the step until one batch fits
         k, chunk = max(1, k // 2), max(2, chunk // 2)
         best = fits(start, k, chunk)
