@@ -57,11 +57,11 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     text = page.read_text()
     assert "kept" in text
     body = text.split("<!-- bench:reproduction -->")[1].split("<!-- /bench:reproduction -->")[0]
-    for title in ("Tables 1 and 2", "recipe", "Head", "Table 4", "Table 5", "latency"):
+    for title in ("Tables 1 and 2", "recipe", "Head", "BatchNorm", "Table 4", "Table 5", "latency"):
         assert title in body
     assert (tmp_path / "reproduction.png").stat().st_size > 0
     results = sorted(work.glob("*/result.json"))
-    assert len(results) == 23
+    assert len(results) == 24
     for path in results:
         result = json.loads(path.read_text())
         # Under its budget, measured; tested on a checkpoint chosen by validation accuracy.
