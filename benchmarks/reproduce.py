@@ -287,7 +287,7 @@ def execute(run: Run, p: Protocol, work: Path, weights: dict[str, Path]) -> dict
         if patchgd_main(argv) != 0:
             raise RuntimeError(f"{run.name}: patchgd fit failed")
         fit = _summaries(folder)[-1]
-        best = fit["fit"]["best"]["checkpoint"]
+        best = str((folder / fit["fit"]["best"]["checkpoint"]).resolve())  # relative to folder
         config = str(Path(fit["_dir"]) / "config.yaml")
         if patchgd_main(["test", "--config", config, "--ckpt_path", best]) != 0:
             raise RuntimeError(f"{run.name}: patchgd test failed")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -71,4 +72,9 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     # The recipe starts PatchGD from the downscaled-GD run's backbone, not from the digits.
     recipe = json.loads((work / "recipe-patchgd-tight-s0" / "result.json").read_text())
     assert recipe["run"]["init"] == "recipe"
-    assert (work / "recipe-patchgd-tight-s0.pth").exists()
+    weights = torch.load(work / "recipe-patchgd-tight-s0.pth")
+    source = json.loads((work / "main-gd_downscaled-tight-s0" / "result.json").read_text())
+    trained = torch.load(source["best_checkpoint"], weights_only=False)["state_dict"]
+    assert weights and all(
+        torch.equal(value, trained[f"classifier.backbone.{key}"]) for key, value in weights.items()
+    )
