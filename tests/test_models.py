@@ -154,3 +154,47 @@ def test_vit_weights_saved_at_another_input_size_load_with_resampled_positions(t
     for name, value in source.state_dict().items():
         if not name.startswith(("head.", "pos_embed")):
             assert torch.equal(loaded[name], value), name
+
+
+GROUP_HEAD = HeadConfig(width=16, norm="group")  # a batch of one image must train
+FROZEN = {
+    "patchgd": lambda: PatchGDClassifier(
+        "test_resnet", 5, 64, 32, latent_dim=16, head=GROUP_HEAD, freeze_bn=True
+    ),
+    "gd": lambda: GDClassifier("test_resnet", 5, 64, freeze_bn=True),
+    "gd_extended": lambda: GDExtendedClassifier(
+        "test_resnet", 5, 64, latent_dim=16, head=GROUP_HEAD, freeze_bn=True
+    ),
+    "gd_downscaled": lambda: DownscaledGDClassifier(
+        "test_resnet", 5, 64, input_size=32, freeze_bn=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_frozen_backbone_batchnorm_keeps_its_statistics_while_everything_else_trains(name):
+    model = FROZEN[name]()
+    model.eval().train()  # as Lightning switches modes between validation and training
+    backbone = model.backbone_module()
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert all(m.training for m in model.modules() if not any(m is n for n in norms))
+    for m in norms:  # running statistics that batch statistics would visibly differ from
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    affine = [m.weight.detach().clone() for m in norms]
+    # One image and one patch per inner iteration: trainable only with frozen BatchNorm.
+    images, targets = torch.randn(1, 3, 64, 64), torch.tensor([3])
+    if name == "patchgd":
+        model.configure_loop(InnerLoopConfig(patches_per_step=1))
+    model.training_step(images, targets, torch.optim.SGD(model.parameters(), lr=0.1))
+    for m, (mean, var) in zip(norms, stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    assert any(not torch.equal(m.weight, w) for m, w in zip(norms, affine, strict=True))
+    # The backbone normalises with its running statistics: training mode gives eval's features.
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        in_train = backbone(x)
+        backbone.eval()
+        torch.testing.assert_close(in_train, backbone(x))

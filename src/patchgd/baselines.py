@@ -33,6 +33,8 @@ class GDClassifier(Classifier):
         pretrained: local weights file (or ``True`` for timm's hub weights).
         backbone_kwargs: extra ``timm.create_model`` arguments (``num_classes`` here overrides
             the backbone's own classifier width, e.g. 0 for pooled features).
+        freeze_bn: keep the backbone's BatchNorm in eval mode while training (see
+            :meth:`~patchgd.model.Classifier.train`).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class GDClassifier(Classifier):
         in_chans: int = 3,
         pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -57,6 +60,11 @@ class GDClassifier(Classifier):
             pretrained=pretrained,
             **{"num_classes": num_classes, **(backbone_kwargs or {})},
         )
+        self.freeze_bn = freeze_bn
+        self.train(self.training)
+
+    def backbone_module(self) -> nn.Module:
+        return self.backbone
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
@@ -114,6 +122,7 @@ class GDExtendedClassifier(GDClassifier):
         in_chans: int = 3,
         pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        freeze_bn: bool = False,
     ) -> None:
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
         super().__init__(
@@ -123,6 +132,7 @@ class GDExtendedClassifier(GDClassifier):
             in_chans=in_chans,
             pretrained=pretrained,
             backbone_kwargs=kwargs,
+            freeze_bn=freeze_bn,
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(

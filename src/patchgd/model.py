@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .algorithm import (
     FillNorm,
@@ -39,6 +40,25 @@ DEFAULT_FILL_CHUNK: dict[str, int] = {"cpu": 4, "cuda": 256}
 
 class Classifier(nn.Module):
     """What PatchGD and the baselines share: logits from images, and one training step."""
+
+    #: Whether the backbone's BatchNorm layers stay in eval mode when the model trains.
+    freeze_bn: bool = False
+
+    def backbone_module(self) -> nn.Module:
+        """The pretrainable feature extractor, whose BatchNorm ``freeze_bn`` freezes."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> Classifier:
+        """As :meth:`torch.nn.Module.train`, except that with ``freeze_bn`` the backbone's
+        BatchNorm layers stay in eval mode: they normalise with their running statistics and
+        leave them unchanged, while their affine weights still train. The usual choice for a
+        pretrained backbone trained with tiny batches (streaming CNNs freeze it too)."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for module in self.backbone_module().modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
 
     def predict_proba(self, images: Tensor) -> Tensor:
         """Class probabilities ``(B, num_classes)``, computed in eval mode without gradients."""
@@ -78,6 +98,9 @@ class PatchGDClassifier(Classifier):
             :data:`DEFAULT_FILL_CHUNK` for the encoder's device (small on the CPU, large on CUDA).
         fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
             (see :func:`patchgd.algorithm.fill_mode`).
+        freeze_bn: keep the encoder's BatchNorm in eval mode while training (running
+            statistics everywhere, never updated; see :meth:`Classifier.train`). The fill then
+            uses running statistics whatever ``fill_norm`` says.
         seed: seed of the default sampler.
         backbone_kwargs: extra ``timm.create_model`` arguments.
 
@@ -102,6 +125,7 @@ class PatchGDClassifier(Classifier):
         sampler: PatchSampler | None = None,
         fill_chunk: int | None = None,
         fill_norm: FillNorm = "batch",
+        freeze_bn: bool = False,
         seed: int = 0,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -119,6 +143,8 @@ class PatchGDClassifier(Classifier):
         )
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
         self.sampler = sampler or RandomPatchSampler(seed)
+        self.freeze_bn = freeze_bn
+        self.train(self.training)
 
     def configure_loop(
         self, loop: InnerLoopConfig | None = None, *, fill_chunk: int | None = None
@@ -131,6 +157,9 @@ class PatchGDClassifier(Classifier):
             if isinstance(fill_chunk, bool) or fill_chunk < 1:
                 raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
             self.fill_chunk = fill_chunk
+
+    def backbone_module(self) -> nn.Module:
+        return self.encoder
 
     def chunk_for(self, device: torch.device | str | None = None) -> int:
         """The fill chunk used on ``device`` (default: the encoder's)."""
