@@ -47,7 +47,7 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     page.write_text("# Reproduction\n\nkept\n")
     work = tmp_path / "work"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--quick"]
+        [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--quick", "--investigate"]
         + ["--page", str(page), "--work", str(work)],
         capture_output=True,
         text=True,
@@ -58,11 +58,12 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     text = page.read_text()
     assert "kept" in text
     body = text.split("<!-- bench:reproduction -->")[1].split("<!-- /bench:reproduction -->")[0]
-    for title in ("Tables 1 and 2", "recipe", "Head", "BatchNorm", "Table 4", "Table 5", "latency"):
+    titles = ("Tables 1 and 2", "recipe", "Head", "BatchNorm", "freeze_bn", "Schedule")
+    for title in titles + ("Table 4", "Table 5", "latency"):
         assert title in body
     assert (tmp_path / "reproduction.png").stat().st_size > 0
     results = sorted(work.glob("*/result.json"))
-    assert len(results) == 24
+    assert len(results) == 30
     for path in results:
         result = json.loads(path.read_text())
         # Under its budget, measured; tested on a checkpoint chosen by validation accuracy.
@@ -78,3 +79,23 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     assert weights and all(
         torch.equal(value, trained[f"classifier.backbone.{key}"]) for key, value in weights.items()
     )
+    # A second invocation reuses every cached run whose command and config are unchanged, and
+    # reruns one whose recorded fingerprint no longer matches.
+    stamps = {path: path.stat().st_mtime_ns for path in results}
+    stale = work / "table5-eps2" / "result.json"
+    outdated = json.loads(stale.read_text()) | {"fingerprint": "outdated"}
+    stale.write_text(json.dumps(outdated))
+    stamps[stale] = stale.stat().st_mtime_ns
+    again = subprocess.run(run.args, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    changed = [path for path in results if path.stat().st_mtime_ns != stamps[path]]
+    assert changed == [stale]
+    assert json.loads(stale.read_text())["fingerprint"] != "outdated"
+    # Without --investigate the study reuses its own runs and leaves the investigations out.
+    study_page = tmp_path / "study.md"
+    args = [a if a != str(page) else str(study_page) for a in run.args if a != "--investigate"]
+    study = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    assert study.returncode == 0, study.stdout[-2000:] + study.stderr[-2000:]
+    assert [path for path in results if path.stat().st_mtime_ns != stamps[path]] == [stale]
+    text = study_page.read_text()
+    assert "Table 4" in text and "freeze_bn" not in text and "investigations" not in text
