@@ -348,6 +348,10 @@ def train_step(
                 z[zi, :, zr, zc] = emb.detach().to(z.dtype)
             losses.append(loss.detach())
         step()
+        # Autocast keeps each weight's low-precision copy until its region ends. A framework
+        # that wraps the whole outer step in one region (Lightning's mixed precision) would
+        # otherwise run the next inner iterations on the weights from before this step.
+        torch.clear_autocast_cache()
     return StepResult(
         losses=torch.stack(losses).float().tolist(),  # one host sync per outer step
         logits=out.detach(),

@@ -187,6 +187,7 @@ def gd_train_step(
             loss = loss_fn(logits, targets)
         hooks.backward(loss)
     (hooks.optimizer_step or plain_optimizer_step(optimizer))()
+    torch.clear_autocast_cache()  # an enclosing autocast region would keep the old weights' copies
     return StepResult(
         losses=[float(loss.detach())], logits=logits.detach(), optimizer_steps=1, plan=[]
     )

@@ -1,0 +1,97 @@
+"""bf16 autocast in the engine: the fill and the training step against fp32 and per-call references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchgd import HeadConfig, InnerLoopConfig, PatchGDClassifier, StepHooks, fill_z
+from reference import reference_z
+
+
+def _bf16() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet_gn"])
+@pytest.mark.parametrize("chunk", [3, 4, 100])
+def test_bf16_fill_equals_the_fp32_fill_at_every_position(backbone, chunk):
+    """Every position of Z is written, and within bf16's rounding of the fp32 value."""
+    torch.manual_seed(0)
+    model = PatchGDClassifier(backbone, 3, (80, 72), 32, stride=24, latent_dim=16, in_chans=1)
+    encoder = model.encoder.eval()  # running statistics: the same normalisation in every chunk
+    grid = model.grid
+    images = torch.randn(3, 1, 80, 72)
+    with torch.no_grad():
+        expected = reference_z(encoder, images, grid)
+    with _bf16():
+        z = fill_z(encoder, images, grid, chunk=chunk, norm="running")
+    assert z.dtype == torch.bfloat16 and z.shape == expected.shape
+    assert torch.isfinite(z).all()
+    # bf16 keeps 8 significant bits; a few layers of rounding stay within a few percent.
+    scale = expected.abs().amax(dim=1, keepdim=True).clamp_min(1e-3)
+    err = ((z.float() - expected).abs() / scale).amax()
+    assert err < 0.1, f"largest error per position, relative to its scale: {err:.3f}"
+
+
+def _model(seed: int) -> PatchGDClassifier:
+    torch.manual_seed(seed)
+    return PatchGDClassifier(
+        "test_resnet",
+        4,
+        64,
+        16,
+        latent_dim=8,
+        in_chans=1,
+        head=HeadConfig(width=8, stride1_layers=0, stride2_layers=2, dropout=0.0),
+        # ζ = 4 inner iterations, ε = 1: four optimizer steps inside one outer step.
+        loop=InnerLoopConfig(patches_per_step=4, accumulation=1),
+        seed=seed,
+    )
+
+
+def test_each_inner_iteration_under_an_enclosing_autocast_sees_the_updated_weights():
+    """A framework (Lightning's bf16-mixed) wraps the whole outer step in one autocast region.
+
+    Autocast caches each weight's bf16 copy until the region ends, so after an optimizer step
+    inside it the next forward would run the old weights. The step must equal the same step
+    with autocast entered around each forward alone, bit for bit.
+    """
+    images, targets = torch.randn(4, 1, 64, 64), torch.tensor([0, 1, 2, 3])
+
+    def run(enclosing: bool) -> tuple[PatchGDClassifier, list[float]]:
+        model = _model(3).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        if enclosing:
+            with _bf16():
+                result = model.training_step(images, targets, optimizer)
+        else:
+            hooks = StepHooks(autocast=_bf16)
+            result = model.training_step(images, targets, optimizer, hooks=hooks)
+        return model, result.losses
+
+    reference, reference_losses = run(enclosing=False)
+    model, losses = run(enclosing=True)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses == reference_losses
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_bf16_steps_are_bit_identical_across_repeats():
+    """Same seed, same data: two bf16 runs of several outer steps agree exactly."""
+    images = torch.randn(6, 4, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    targets = torch.randint(0, 4, (6, 4), generator=torch.Generator().manual_seed(6))
+
+    def run() -> list[float]:
+        model = _model(7).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses: list[float] = []
+        for x, y in zip(images, targets, strict=True):
+            with _bf16():
+                losses += model.training_step(x, y, optimizer).losses
+        return losses
+
+    first, second = run(), run()
+    assert all(torch.isfinite(torch.tensor(first)))
+    assert first == second
