@@ -16,6 +16,7 @@ SCRIPTS = {
     "inference_speed.py": ("inference", "inference_speed.png"),
     "train_speed.py": ("training", "train_speed.png"),
     "planner_budget.py": ("planner", "planner.png"),
+    "finedetail.py": ("finedetail", "finedetail_residue.png"),
 }
 
 

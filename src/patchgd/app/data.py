@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.dataset import LargeImageDataset
+from ..data.finedetail import FineDetail, FineDetailConfig
 from ..data.lazy import LazyImage
 from ..data.patches import SourcePatches, collate_lazy
 from ..data.table import DEFAULT_EXTENSIONS, ImageTable, TableItem, read_table, stratified_folds
@@ -152,6 +153,50 @@ class UltraMNISTDataModule(_Loaders):
                     data, self.mean or [0.0] * self.channels, self.std or [1.0] * self.channels
                 )
             self.datasets[split] = data
+
+
+class FineDetailDataModule(_Loaders):
+    """FineDetail generated on the fly (no files): a detail-bound task (``docs/finedetail.md``).
+
+    Args:
+        canvas_size: image side in pixels (even; 1024 by default).
+        object_size: side of every object in pixels, whatever the canvas.
+        per_class_train, per_class_val, per_class_test: images per class of each split.
+        channels: 1 (grayscale) or 3 (gray repeated, for RGB backbones).
+        batch_size, num_workers: DataLoader settings.
+        seed: generation seed and shuffle seed.
+    """
+
+    def __init__(
+        self,
+        canvas_size: int = 1024,
+        object_size: int = 24,
+        per_class_train: int = 250,
+        per_class_val: int = 50,
+        per_class_test: int = 250,
+        channels: int = 1,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.config = FineDetailConfig(canvas_size=canvas_size, object_size=object_size)
+        self.sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
+        self.channels = channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.config.canvas_size, self.config.canvas_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, per_class in self.sizes.items():
+            self.datasets[split] = FineDetail(
+                split, per_class, self.config, self.seed, channels=self.channels
+            )
 
 
 class ImageFolderDataModule(_Loaders):
