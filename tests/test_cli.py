@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -23,34 +24,55 @@ def test_ci_runs_the_readme_test_command():
     assert commands[0].endswith("patchgd demo")
 
 
-def test_demo_runs_end_to_end_and_prints_the_table(capsys):
+def test_demo_runs_end_to_end_prints_the_table_and_writes_its_outputs(capsys, tmp_path):
     args = [
         "demo",
         "--backbone",
         "test_resnet",
         "--canvas-size",
         "64",
+        "--object-size",
+        "8",
         "--patch-size",
         "32",
         "--per-class-train",
-        "1",
+        "2",
         "--per-class-val",
         "1",
         "--epochs",
-        "1",
+        "2",
         "--batch-size",
-        "5",
+        "4",
         "--latent-dim",
         "8",
+        "--out",
+        str(tmp_path / "demo"),
     ]
     assert main([*args, "--memory-budget", "12MiB"]) == 0
-    table = capsys.readouterr().out.splitlines()[-4:]
-    assert table[0].split()[-5:] == ["peak", "MiB", "budget", "MiB", "s/epoch"]
-    rows = [line.rsplit(maxsplit=8) for line in table[1:]]
-    assert [row[0] for row in rows] == ["PatchGD", "GD", "GD, downscaled"]
-    for method, *_, peak, budget, _seconds in rows:
-        # Each method trained within the budget it was planned for, as measured.
-        assert 0 < float(peak) <= float(budget) == 12.0, method
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("method"))
+    assert out[header].split()[-5:] == ["peak", "MiB", "budget", "MiB", "s/epoch"]
+    rows = out[header + 1 : header + 5]
+    assert [r[:16].strip() for r in rows] == [
+        "PatchGD",
+        "GD",
+        "GD, checkpointed",
+        "GD, downscaled",
+    ]
+    assert out[header + 5] == "chance accuracy: 0.250"
+
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["chance"] == 0.25 and summary["budget_mib"] == 12.0
+    methods = {m["method"]: m for m in summary["methods"]}
+    assert methods["PatchGD"]["fits"]
+    for row in summary["methods"]:
+        if row["fits"]:  # each method trained within the budget it was planned for, as measured
+            assert 0 < row["peak_mib"] <= 12.0, row["method"]
+            assert len(row["val_curve"]) == 2 and row["val_acc"] == row["val_curve"][-1]
+            assert {"batch", "input_px", "s_per_epoch"} <= row.keys()
+        else:
+            assert "too small" in row["note"]
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
 
 
 def test_data_ultramnist_writes_pngs_and_labels(tmp_path, capsys):

@@ -35,6 +35,10 @@ class GDClassifier(Classifier):
             the backbone's own classifier width, e.g. 0 for pooled features).
         freeze_bn: keep the backbone's BatchNorm in eval mode while training (see
             :meth:`~patchgd.model.Classifier.train`).
+        grad_checkpointing: activation checkpointing (timm's ``set_grad_checkpointing``): the
+            backbone keeps only its stages' inputs and recomputes the rest in the backward
+            pass, so larger images fit in the same memory at the cost of time. The honest rival
+            of PatchGD under a budget.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class GDClassifier(Classifier):
         pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
         freeze_bn: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -61,6 +66,15 @@ class GDClassifier(Classifier):
             **{"num_classes": num_classes, **(backbone_kwargs or {})},
         )
         self.freeze_bn = freeze_bn
+        self.grad_checkpointing = grad_checkpointing
+        if grad_checkpointing:
+            try:
+                self.backbone.set_grad_checkpointing(True)
+            except (AttributeError, NotImplementedError, AssertionError) as err:
+                raise ConfigError(
+                    f"grad_checkpointing: timm's {backbone} does not support activation "
+                    f"checkpointing ({err or type(err).__name__})"
+                ) from None
         self.train(self.training)
 
     def backbone_module(self) -> nn.Module:
@@ -123,6 +137,7 @@ class GDExtendedClassifier(GDClassifier):
         pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
         freeze_bn: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
         super().__init__(
@@ -133,6 +148,7 @@ class GDExtendedClassifier(GDClassifier):
             pretrained=pretrained,
             backbone_kwargs=kwargs,
             freeze_bn=freeze_bn,
+            grad_checkpointing=grad_checkpointing,
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(

@@ -12,7 +12,7 @@ from .errors import PatchGDError
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, format_table, run_demo
+    from .demo import DemoConfig, format_table, run_demo, write_outputs
 
     overrides = {
         f.name: getattr(args, f.name)
@@ -21,7 +21,10 @@ def _demo(args: argparse.Namespace) -> None:
     }
     cfg = DemoConfig(**overrides)
     print(f"patchgd demo: {cfg}")
-    print(format_table(run_demo(cfg)))
+    results, models, val = run_demo(cfg)
+    summary, figure = write_outputs(cfg, results, models, val)
+    print(format_table(results, chance=1.0 / val.config.num_classes))
+    print(f"wrote {summary} and {figure}")
 
 
 def _data_ultramnist(args: argparse.Namespace) -> None:
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_help=False,
         )
 
-    demo = commands.add_parser("demo", help="train PatchGD and GD side by side on UltraMNIST")
+    demo = commands.add_parser("demo", help="train PatchGD and the GD baselines under one memory budget on FineDetail")
     from .demo import DemoConfig
 
     for field in dataclasses.fields(DemoConfig):
