@@ -59,7 +59,9 @@ def test_fit_then_validate_test_from_the_saved_config_and_checkpoint(tmp_path, m
 
 def _logged_losses(run: Path) -> list[float]:
     with (run / "metrics.csv").open() as f:
-        return [float(row["train/loss_step"]) for row in csv.DictReader(f) if row["train/loss_step"]]
+        return [
+            float(row["train/loss_step"]) for row in csv.DictReader(f) if row["train/loss_step"]
+        ]
 
 
 def test_bf16_mixed_precision_trains_bit_identically_on_the_cpu(tmp_path, monkeypatch):

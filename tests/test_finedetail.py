@@ -33,7 +33,7 @@ def test_labels_cycle_through_the_classes_and_images_are_in_range():
     assert len(data) == 12 and data.labels == [i % 4 for i in range(12)]
     image, label = data[7]
     assert label == 3 and image.shape == (3, 256, 256) and image.dtype == torch.float32
-    assert torch.equal(image[0], image[2]) and 0.0 <= image.min() and image.max() <= 1.0
+    assert torch.equal(image[0], image[2]) and image.min() >= 0.0 and image.max() <= 1.0
 
 
 @pytest.mark.parametrize("kind", CLASSES)

@@ -1,4 +1,4 @@
-"""bf16 autocast in the engine: the fill and the training step against fp32 and per-call references."""
+"""bf16 autocast in the engine: the fill and the step against fp32 and per-call references."""
 
 from __future__ import annotations
 

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
             add_help=False,
         )
 
-    demo = commands.add_parser("demo", help="train PatchGD and the GD baselines under one memory budget on FineDetail")
+    demo = commands.add_parser(
+        "demo", help="PatchGD against the GD baselines under one memory budget, on FineDetail"
+    )
     from .demo import DemoConfig
 
     for field in dataclasses.fields(DemoConfig):

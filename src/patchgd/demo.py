@@ -166,9 +166,7 @@ def run_demo(
                 model, plan = plan_classifier(model, budget, cfg.batch_size, rebuild=rebuild)
             except ConfigError as err:
                 say(f"{method:16s} does not fit: {err}")
-                results.append(
-                    DemoResult(method, False, budget_mib=budget / 2**20, note=str(err))
-                )
+                results.append(DemoResult(method, False, budget_mib=budget / 2**20, note=str(err)))
                 continue
         say(f"{method:16s} plan: {plan.description}")
         generator = torch.Generator().manual_seed(cfg.seed)

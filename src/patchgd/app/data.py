@@ -31,7 +31,7 @@ class _Normalized(Dataset):
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
+        return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.data[index]
@@ -76,7 +76,7 @@ class _Loaders(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,  # type: ignore[arg-type]
+            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,
             drop_last=shuffle,
             num_workers=self.num_workers,
             # Its own generator: a loader must not draw its base seed from the global stream,
@@ -102,7 +102,47 @@ class _Loaders(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-class UltraMNISTDataModule(_Loaders):
+class _Generated(_Loaders):
+    """A synthetic data set generated on the fly: ``config`` has ``canvas_size`` and
+    ``num_classes``; subclasses build one split in ``_split``."""
+
+    config: Any
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        channels: int,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.sizes, self.channels, self.mean, self.std = sizes, channels, mean, std
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.config.canvas_size, self.config.canvas_size)
+
+    def _split(self, split: str, per_class: int) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, per_class in self.sizes.items():
+            data = self._split(split, per_class)
+            if self.mean is not None or self.std is not None:
+                data = _Normalized(
+                    data, self.mean or [0.0] * self.channels, self.std or [1.0] * self.channels
+                )
+            self.datasets[split] = data
+
+
+class UltraMNISTDataModule(_Generated):
     """UltraMNIST generated on the fly (no files), the project's embedded default data.
 
     Args:
@@ -130,32 +170,15 @@ class UltraMNISTDataModule(_Loaders):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed)
+        sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
+        super().__init__(sizes, channels, mean, std, batch_size, num_workers, seed)
         self.config = UltraMNISTConfig(canvas_size=canvas_size, variant=variant)
-        self.sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
-        self.channels, self.mean, self.std = channels, mean, std
 
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.config.canvas_size, self.config.canvas_size)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split, per_class in self.sizes.items():
-            data: Dataset = UltraMNIST(
-                split, per_class, self.config, self.seed, channels=self.channels
-            )
-            if self.mean is not None or self.std is not None:
-                data = _Normalized(
-                    data, self.mean or [0.0] * self.channels, self.std or [1.0] * self.channels
-                )
-            self.datasets[split] = data
+    def _split(self, split: str, per_class: int) -> Dataset:
+        return UltraMNIST(split, per_class, self.config, self.seed, channels=self.channels)
 
 
-class FineDetailDataModule(_Loaders):
+class FineDetailDataModule(_Generated):
     """FineDetail generated on the fly (no files): a detail-bound task (``docs/finedetail.md``).
 
     Args:
@@ -163,6 +186,7 @@ class FineDetailDataModule(_Loaders):
         object_size: side of every object in pixels, whatever the canvas.
         per_class_train, per_class_val, per_class_test: images per class of each split.
         channels: 1 (grayscale) or 3 (gray repeated, for RGB backbones).
+        mean, std: per-channel normalisation; ``None`` keeps [0, 1].
         batch_size, num_workers: DataLoader settings.
         seed: generation seed and shuffle seed.
     """
@@ -175,28 +199,18 @@ class FineDetailDataModule(_Loaders):
         per_class_val: int = 50,
         per_class_test: int = 250,
         channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed)
+        sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
+        super().__init__(sizes, channels, mean, std, batch_size, num_workers, seed)
         self.config = FineDetailConfig(canvas_size=canvas_size, object_size=object_size)
-        self.sizes = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
-        self.channels = channels
 
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.config.canvas_size, self.config.canvas_size)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split, per_class in self.sizes.items():
-            self.datasets[split] = FineDetail(
-                split, per_class, self.config, self.seed, channels=self.channels
-            )
+    def _split(self, split: str, per_class: int) -> Dataset:
+        return FineDetail(split, per_class, self.config, self.seed, channels=self.channels)
 
 
 class ImageFolderDataModule(_Loaders):

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from patchgd.errors import ConfigError
 
-from .ultramnist import _SPLIT_CODE, SPLITS, Split
+from .generated import GeneratedSplit, Split
 
 CLASSES: tuple[str, ...] = ("plain", "rows", "columns", "checker")
 
@@ -138,7 +137,9 @@ def texture(kind: str, size: int) -> np.ndarray:
 
 
 def generate_sample(
-    config: FineDetailConfig, rng_or_seed: np.random.Generator | int | np.random.SeedSequence, label: int
+    config: FineDetailConfig,
+    rng_or_seed: np.random.Generator | int | np.random.SeedSequence,
+    label: int,
 ) -> FineDetailSample:
     """One image of class ``label``, drawn from ``rng_or_seed``."""
     if not 0 <= label < config.num_classes:
@@ -174,7 +175,7 @@ def generate_sample(
     return FineDetailSample(image, label, [placed[i] for i in order])
 
 
-class FineDetail(Dataset):
+class FineDetail(GeneratedSplit):
     """FineDetail generated on the fly, with no files on disk.
 
     Image ``i`` has label ``i % 4`` (``per_class`` images per class) and is generated from
@@ -192,39 +193,17 @@ class FineDetail(Dataset):
         transform: Callable[[torch.Tensor], object] | None = None,
         channels: int = 1,
     ) -> None:
-        if split not in _SPLIT_CODE:
-            raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}")
-        if not isinstance(per_class, int) or per_class < 1:
-            raise ConfigError(f"per_class={per_class!r}: must be a positive integer")
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed={seed!r}: must be a non-negative integer")
-        if channels not in (1, 3):
-            raise ConfigError(f"channels={channels!r}: must be 1 or 3")
-        self.split, self.per_class, self.config, self.seed = split, per_class, config, seed
-        self.transform, self.channels = transform, channels
-
-    def __len__(self) -> int:
-        return self.per_class * self.config.num_classes
-
-    @property
-    def labels(self) -> list[int]:
-        """Every image's label, without generating the images."""
-        return [i % self.config.num_classes for i in range(len(self))]
+        super().__init__(split, per_class, config.num_classes, seed, transform, channels)
+        self.config = config
 
     def sample(self, index: int) -> FineDetailSample:
         """Image ``index`` with its record of placed objects."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        index %= len(self)
-        seq = np.random.SeedSequence([self.seed, _SPLIT_CODE[self.split], index])
-        return generate_sample(self.config, seq, index % self.config.num_classes)
+        seq, label = self.seed_of(index)
+        return generate_sample(self.config, seq, label)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         s = self.sample(index)
-        image = torch.from_numpy(s.image).unsqueeze(0)
-        if self.channels == 3:
-            image = image.repeat(3, 1, 1)
-        return (self.transform(image) if self.transform else image), s.label
+        return self.output(torch.from_numpy(s.image)), s.label
 
 
 def texture_residue(config: FineDetailConfig, input_size: int, mode: str = "bilinear") -> float:

