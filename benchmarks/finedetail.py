@@ -44,22 +44,8 @@ from patchgd import (  # noqa: E402
     PatchGDClassifier,
 )
 from patchgd.data.finedetail import FineDetail, FineDetailConfig, texture_residue  # noqa: E402
+from patchgd.demo import evaluate, materialise, train_epoch  # noqa: E402
 from patchgd.model import Classifier  # noqa: E402
-
-
-def _materialise(split: str, per_class: int, config: FineDetailConfig) -> TensorDataset:
-    data = FineDetail(split, per_class, config)
-    images, labels = zip(*(data[i] for i in range(len(data))), strict=True)
-    return TensorDataset(torch.stack(images), torch.as_tensor(labels))
-
-
-def _accuracy(model: Classifier, data: TensorDataset | Subset) -> float:
-    model.eval()
-    right = 0
-    with torch.no_grad():
-        for images, targets in DataLoader(data, 8):
-            right += int((model(images).argmax(dim=1) == targets).sum())
-    return right / len(data)
 
 
 def _train(
@@ -67,17 +53,16 @@ def _train(
 ) -> dict[str, object]:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
+    classes = FineDetailConfig().num_classes
     curve, seconds = [], []
     for _ in range(epochs):
-        model.train()
         start = time.perf_counter()
         loader = DataLoader(train, batch, shuffle=True, drop_last=True, generator=generator)
-        for images, targets in loader:
-            model.training_step(images, targets, optimizer)
+        train_epoch(model, optimizer, loader)
         seconds.append(time.perf_counter() - start)
-        curve.append(_accuracy(model, val))
-    seen = Subset(train, range(min(len(train), 40)))
-    return {"curve": curve, "train_eval": _accuracy(model, seen), "s_per_epoch": seconds}
+        curve.append(evaluate(model, DataLoader(val, 8), classes))
+    seen = DataLoader(Subset(train, range(min(len(train), 40))), 8)
+    return {"curve": curve, "train_eval": evaluate(model, seen, classes), "s_per_epoch": seconds}
 
 
 def main() -> None:
@@ -104,8 +89,8 @@ def main() -> None:
     ]
 
     config = FineDetailConfig(canvas_size=canvas)
-    train = _materialise("train", per_class, config)
-    val = _materialise("val", val_per_class, config)
+    train = materialise(FineDetail("train", per_class, config))
+    val = materialise(FineDetail("val", val_per_class, config))
 
     def patchgd(fill_norm: str = "batch", visit: float = 0.5) -> Classifier:
         torch.manual_seed(0)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from .algorithm import InnerLoopConfig, fill_z
+from .algorithm import InnerLoopConfig
 from .baselines import DownscaledGDClassifier, GDClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
 from .errors import ConfigError
@@ -127,13 +127,14 @@ def evaluate(model: Classifier, loader: DataLoader, num_classes: int) -> float:
     return float(accuracy.compute())
 
 
-def _materialise(dataset: FineDetail) -> TensorDataset:
+def materialise(dataset: FineDetail) -> TensorDataset:
+    """Every image of ``dataset`` generated once, as a tensor data set."""
     images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return TensorDataset(torch.stack(images), torch.as_tensor(labels))
 
 
-def _epoch(model: Classifier, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
-    """One training epoch; the mean loss."""
+def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
+    """One training epoch of any classifier; the mean loss."""
     model.train()
     losses = [model.training_step(x, y, optimizer).loss for x, y in loader]
     return sum(losses) / len(losses)
@@ -154,9 +155,9 @@ def run_demo(
     data_cfg = FineDetailConfig(canvas_size=cfg.canvas_size, object_size=cfg.object_size)
     classes = data_cfg.num_classes
     # Generated once, before any probe: the probe then sees training, not image synthesis.
-    train = _materialise(FineDetail("train", cfg.per_class_train, data_cfg, seed=cfg.seed))
+    train = materialise(FineDetail("train", cfg.per_class_train, data_cfg, seed=cfg.seed))
     val_split = FineDetail("val", cfg.per_class_val, data_cfg, seed=cfg.seed)
-    val = DataLoader(_materialise(val_split), cfg.batch_size)
+    val = DataLoader(materialise(val_split), cfg.batch_size)
     budget = parse_size(cfg.memory_budget)
     say = print if log else (lambda _: None)
     results, models = [], {}
@@ -181,9 +182,9 @@ def run_demo(
             if epoch == 0:
                 # The first epoch runs under the probe: batches, activations, gradients and the
                 # Adam state it creates. Later epochs repeat the same steps, unprobed and timed.
-                loss, report = measure(lambda m=model, o=optimizer, d=loader: _epoch(m, o, d))
+                loss, report = measure(lambda m=model, o=optimizer, d=loader: train_epoch(m, o, d))
             else:
-                loss = _epoch(model, optimizer, loader)
+                loss = train_epoch(model, optimizer, loader)
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
             curve.append(evaluate(model, val, classes))
@@ -297,8 +298,8 @@ def _plot(
     axes[1].set_title("a validation image (red: textured, the evidence)", fontsize=9)
     if isinstance(patchgd, PatchGDClassifier):
         image = torch.from_numpy(sample.image)[None, None]
-        patchgd.eval()
-        z = fill_z(patchgd.encoder, image, patchgd.grid, patchgd.chunk_for(), "running")[0]
+        patchgd.eval()  # running statistics, as at inference
+        z = patchgd.fill_z(image)[0]
         # How far each patch's embedding is from the image's typical patch: where Z carries
         # something other than background.
         heat = (z - z.flatten(1).median(dim=1).values[:, None, None]).norm(dim=0)

@@ -31,7 +31,7 @@ class _Normalized(Dataset):
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.data)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.data[index]
@@ -76,7 +76,7 @@ class _Loaders(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,
+            sampler=EpochShuffle(len(data), self.seed) if shuffle else None,  # type: ignore[arg-type]
             drop_last=shuffle,
             num_workers=self.num_workers,
             # Its own generator: a loader must not draw its base seed from the global stream,
