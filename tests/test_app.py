@@ -77,6 +77,27 @@ def test_bf16_mixed_precision_trains_bit_identically_on_the_cpu(tmp_path, monkey
     assert losses[0] == losses[1]
 
 
+def test_batchnorm_recalibration_before_validation_leaves_training_unchanged(tmp_path, monkeypatch):
+    """With and without recalibration: the same training losses and weights, but the saved
+    running statistics are recalibrated ones (those of the current weights)."""
+    states, losses = {}, {}
+    for batches in ("0", "2"):
+        (tmp_path / batches).mkdir()
+        monkeypatch.chdir(tmp_path / batches)
+        assert main([*ONE_EPOCH, "--model.recalibrate_bn_batches", batches]) == 0
+        run = _run_dir(tmp_path / batches)
+        losses[batches] = _logged_losses(run)
+        last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        states[batches] = last["state_dict"]
+    assert losses["0"] == losses["2"]
+    running = [k for k in states["0"] if k.endswith(("running_mean", "running_var"))]
+    assert running
+    for key, value in states["0"].items():
+        if key not in running and isinstance(value, torch.Tensor):
+            assert torch.equal(value, states["2"][key]), key
+    assert any(not torch.equal(states["0"][k], states["2"][k]) for k in running)
+
+
 def _fit(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,

@@ -22,11 +22,12 @@ from .algorithm import (
 )
 from .algorithm import train_step as patchgd_train_step
 from .backbones import Pretrained
+from .batchnorm import recalibrating
 from .encoder import PatchEncoder
 from .errors import ConfigError
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig
-from .patches import PatchProvider
+from .patches import PatchProvider, as_patches
 from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -76,6 +77,20 @@ class Classifier(nn.Module):
         hooks: StepHooks | None = None,
     ) -> StepResult:
         raise NotImplementedError
+
+    def recalibrate_batchnorm(self, batches: Sequence[Tensor]) -> None:
+        """Set the running statistics of every trainable BatchNorm layer to those of ``batches``.
+
+        Run a few training batches (a few hundred images' worth is plenty) through this before
+        evaluating: eval mode then normalises with statistics of the current weights, not a
+        lagging average of earlier ones (see :mod:`patchgd.batchnorm`). Layers frozen by
+        ``freeze_bn`` are left alone; weights, gradients and train/eval modes are unchanged.
+        """
+        with keep_modes(self):
+            self.train()  # freeze_bn keeps its layers in eval mode: they are skipped
+            with recalibrating(self):
+                for images in batches:
+                    self(images)
 
 
 class PatchGDClassifier(Classifier):
@@ -208,6 +223,25 @@ class PatchGDClassifier(Classifier):
             candidates=candidates,
             hooks=hooks,
         )
+
+    def recalibrate_batchnorm(self, batches: Sequence[Tensor | PatchProvider]) -> None:
+        """As :meth:`Classifier.recalibrate_batchnorm`, in the order inference uses the layers.
+
+        The encoder's layers get the statistics of every patch of ``batches``, encoded in fill
+        chunks. Then Z is filled as at inference (the encoder in eval mode, with its new
+        statistics) and the head's layers get the statistics of that Z.
+        """
+        chunk = self.chunk_for()
+        with keep_modes(self):
+            self.train()
+            with recalibrating(self.encoder):
+                for images in batches:
+                    for _, part in as_patches(images, self.grid).chunks(chunk):
+                        self.encoder(part)
+            self.encoder.eval()
+            with recalibrating(self.head):
+                for images in batches:
+                    self.head(fill_z(self.encoder, images, self.grid, chunk))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

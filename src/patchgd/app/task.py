@@ -71,6 +71,10 @@ class PatchGDTask(L.LightningModule):
         channels_last: train in channels-last memory format.
         predict_heatmaps: with PatchGD, ``predict`` also returns each patch's latent norm, which
             the prediction writer draws over the image.
+        recalibrate_bn_batches: before each validation during ``fit``, set BatchNorm's running
+            statistics to those of this many training batches under the current weights
+            (:meth:`~patchgd.model.Classifier.recalibrate_batchnorm`), so that validation and
+            the saved checkpoints do not normalise with a lagging average; 0 turns it off.
     """
 
     def __init__(
@@ -84,8 +88,13 @@ class PatchGDTask(L.LightningModule):
         final_lr_fraction: float = 0.5,
         channels_last: bool = False,
         predict_heatmaps: bool = False,
+        recalibrate_bn_batches: int = 4,
     ) -> None:
         super().__init__()
+        if recalibrate_bn_batches < 0:
+            raise ConfigError(
+                f"recalibrate_bn_batches must be 0 (off) or more, got {recalibrate_bn_batches}"
+            )
         if lr <= 0 or warmup_epochs < 0 or not 0 <= final_lr_fraction <= 1:
             raise ConfigError(
                 f"need lr > 0, warmup_epochs >= 0 and final_lr_fraction in [0, 1]; got lr={lr}, "
@@ -275,6 +284,29 @@ class PatchGDTask(L.LightningModule):
             sync_dist=True,
         )
         metrics.update(logits, targets)
+
+    def on_validation_epoch_start(self) -> None:
+        batches = self.hparams.recalibrate_bn_batches
+        if batches and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.recalibrate_batchnorm(batches)
+
+    def recalibrate_batchnorm(self, batches: int) -> None:
+        """Recalibrate the classifier's BatchNorm on the first ``batches`` training batches.
+
+        The batches come from a fresh training loader of the data module, drawn under a forked
+        random state: the training's data order and dropout do not shift.
+        """
+        data = self.trainer.datamodule
+        if data is None:
+            return
+        prepared = []
+        with torch.random.fork_rng(devices=[]):
+            for i, batch in enumerate(data.train_dataloader()):
+                if i == batches:
+                    break
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                prepared.append(self._prepare(batch)[0])
+        self.classifier.recalibrate_batchnorm(prepared)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
