@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,9 +40,13 @@ class DemoConfig:
     backbone: str = "mobilenetv3_small_050"
     canvas_size: int = 512
     object_size: int = 24
+    objects: int = 4
+    textured: int = 4
+    contrast: float = 0.8
     patch_size: int = 64
     per_class_train: int = 30
     per_class_val: int = 10
+    calibration_images: int = 64
     epochs: int = 3
     batch_size: int = 8
     memory_budget: str = "48MiB"
@@ -50,6 +54,7 @@ class DemoConfig:
     sampling_fraction: float = 0.25
     max_visit_fraction: float = 0.5
     latent_dim: int = 32
+    head_layers: int = 2
     fill_chunk: int = 64
     seed: int = 0
     out: str = "demo"
@@ -70,6 +75,17 @@ class DemoResult:
     budget_mib: float = 0.0
     s_per_epoch: float | None = None  # the mean of the epochs after the first (unprobed)
     note: str = ""
+
+
+def task_config(cfg: DemoConfig) -> FineDetailConfig:
+    """The demo's FineDetail: ``objects`` objects per image, ``textured`` of them textured."""
+    return FineDetailConfig(
+        canvas_size=cfg.canvas_size,
+        object_size=cfg.object_size,
+        objects=(cfg.objects, cfg.objects),
+        textured=(cfg.textured, cfg.textured),
+        contrast=cfg.contrast,
+    )
 
 
 def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int], Classifier]]]:
@@ -100,7 +116,11 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
             in_chans=1,
             latent_dim=cfg.latent_dim,
             head=HeadConfig(
-                width=cfg.latent_dim, stride1_layers=0, stride2_layers=2, dropout=0.0, pool="avg"
+                width=cfg.latent_dim,
+                stride1_layers=0,
+                stride2_layers=cfg.head_layers,
+                dropout=0.0,
+                pool="avg",
             ),
             loop=InnerLoopConfig(
                 sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
@@ -117,14 +137,32 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
     }
 
 
-def evaluate(model: Classifier, loader: DataLoader, num_classes: int) -> float:
-    """Accuracy of ``model`` on ``loader``."""
+def evaluate(
+    model: Classifier,
+    loader: DataLoader,
+    num_classes: int,
+    calibration: Sequence[torch.Tensor] = (),
+) -> float:
+    """Accuracy of ``model`` on ``loader``, after recalibrating its BatchNorm on ``calibration``.
+
+    Recalibration (:meth:`~patchgd.model.Classifier.recalibrate_batchnorm`) matters: from random
+    initialisation the running statistics lag the weights, and in eval mode a model whose
+    training loss has fallen can still score at chance (``docs/finedetail.md``).
+    """
+    if calibration:
+        model.recalibrate_batchnorm(calibration)
     accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
     model.eval()
     with torch.no_grad():
         for images, targets in loader:
             accuracy.update(model(images).argmax(dim=1), targets)
     return float(accuracy.compute())
+
+
+def calibration_batches(train: TensorDataset, images: int, batch_size: int) -> list[torch.Tensor]:
+    """The first ``images`` training images in batches of ``batch_size``, for recalibration."""
+    first = train.tensors[0][:images]
+    return list(first.split(batch_size))
 
 
 def materialise(dataset: FineDetail) -> TensorDataset:
@@ -152,7 +190,7 @@ def run_demo(
     Returns the rows, the trained models by method, and the validation split.
     """
     methods = build_models(cfg)  # bad model options fail before any work
-    data_cfg = FineDetailConfig(canvas_size=cfg.canvas_size, object_size=cfg.object_size)
+    data_cfg = task_config(cfg)
     classes = data_cfg.num_classes
     # Generated once, before any probe: the probe then sees training, not image synthesis.
     train = materialise(FineDetail("train", cfg.per_class_train, data_cfg, seed=cfg.seed))
@@ -175,6 +213,7 @@ def run_demo(
             train, plan.batch_size, shuffle=True, drop_last=True, generator=generator
         )
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        calibration = calibration_batches(train, cfg.calibration_images, plan.batch_size)
         losses, seconds, curve = [], [], []
         report = None
         for epoch in range(cfg.epochs):
@@ -187,7 +226,7 @@ def run_demo(
                 loss = train_epoch(model, optimizer, loader)
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
-            curve.append(evaluate(model, val, classes))
+            curve.append(evaluate(model, val, classes, calibration))
             say(
                 f"{method:16s} epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.3f}  "
                 f"val acc {curve[-1]:.3f}"
