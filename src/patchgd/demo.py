@@ -1,13 +1,18 @@
 """PatchGD against the GD baselines under one memory budget, on a task that downscaling ruins.
 
 The task is FineDetail (:mod:`patchgd.data.finedetail`): the label is a 2 px texture on a few
-small objects of a large canvas, and an antialiased resize by two erases it. Every method gets
+small objects of a large canvas, and an antialiased resize by two erases it. The demo's variant
+puts the texture on every object, at twice the default contrast: with the default (one to three
+textured objects among up to eight) nothing learns from scratch in a three-minute run, while GD
+without a budget (batch 8) reaches 0.73 on this variant after one epoch. Every method gets
 the same emulated budget. The planner (:mod:`patchgd.planner`) measures trial steps and gives
 each method the largest batch up to ``batch_size`` that fits; downscaled GD instead gets the
 largest input side at that batch. A method that cannot train even one image is reported as not
-fitting. The first epoch runs under the memory probe (:func:`patchgd.memory.measure`), so the
-table reports each method's measured peak beside the budget. Uses only the public engine API
-and a plain PyTorch loop, so it doubles as an example of training PatchGD in your own loop.
+fitting. Before every evaluation each model's BatchNorm is recalibrated on training images
+(:mod:`patchgd.batchnorm`). The first epoch runs under the memory probe
+(:func:`patchgd.memory.measure`), so the table reports each method's measured peak beside the
+budget. Uses only the public engine API and a plain PyTorch loop, so it doubles as an example of
+training PatchGD in your own loop.
 """
 
 from __future__ import annotations
@@ -51,10 +56,10 @@ class DemoConfig:
     batch_size: int = 8
     memory_budget: str = "48MiB"
     lr: float = 1e-3
-    sampling_fraction: float = 0.25
+    sampling_fraction: float = 0.125
     max_visit_fraction: float = 0.5
     latent_dim: int = 32
-    head_layers: int = 2
+    head_layers: int = 0  # stride-2 convolutions on Z; 0: average-pooled Z, one linear layer
     fill_chunk: int = 64
     seed: int = 0
     out: str = "demo"
