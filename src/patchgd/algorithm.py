@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batchnorm import batch_statistics, keep_modes
 from .errors import ConfigError
 from .grid import PatchGrid
 from .patches import PatchProvider, as_patches
@@ -132,17 +132,6 @@ def accumulation_groups(inner_steps: int, accumulation: int) -> list[range]:
 # Algorithm 2: filling Z
 # --------------------------------------------------------------------------------------------
 @contextmanager
-def keep_modes(module: nn.Module) -> Iterator[None]:
-    """Restore the train/eval mode of ``module`` and of each submodule on exit."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextmanager
 def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
     """Put ``encoder`` in the state Z-filling needs, and restore it afterwards.
 
@@ -162,24 +151,13 @@ def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
     everywhere.
     """
     check_fill_norm(norm)
-    training_bns = [  # non-tracking layers use batch statistics in train mode already
-        m
-        for m in encoder.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-    ]
+    if norm == "batch":
+        with batch_statistics(encoder):
+            yield
+        return
     with keep_modes(encoder):
         encoder.eval()
-        if norm == "batch":
-            for bn in training_bns:
-                # In train mode without tracking, BatchNorm normalises with batch statistics
-                # and leaves running_mean, running_var and num_batches_tracked untouched.
-                bn.train()
-                bn.track_running_stats = False
-        try:
-            yield
-        finally:
-            for bn in training_bns:
-                bn.track_running_stats = True
+        yield
 
 
 def fill_z(

@@ -1,4 +1,10 @@
-"""Recalibrating BatchNorm's running statistics to the current weights before evaluation.
+"""Train/eval modes and BatchNorm statistics: kept, switched to batch statistics, recalibrated.
+
+:func:`batch_statistics` is the one mechanism by which BatchNorm normalises with batch
+statistics without touching its running statistics: the Z-fill uses it
+(:func:`patchgd.algorithm.fill_mode`), and so does recalibration.
+
+Recalibration sets BatchNorm's running statistics to the current weights before evaluation.
 
 In training, BatchNorm normalises with each batch's statistics and keeps an exponential moving
 average of them (momentum 0.1) for eval mode. The average mixes statistics computed under
@@ -60,14 +66,13 @@ class Recalibration:
     """
 
     def __init__(self, layers: list[_BatchNorm]) -> None:
-        self.layers = layers
         self.moments = {layer: _Moments() for layer in layers}
 
     @contextmanager
     def active(self) -> Iterator[None]:
         handles = [
             layer.register_forward_pre_hook(lambda m, args: self.moments[m].add(args[0]))
-            for layer in self.layers
+            for layer in self.moments
         ]
         try:
             yield
@@ -85,6 +90,17 @@ class Recalibration:
             layer.running_var.copy_(moments.m2 / (moments.count - 1))
 
 
+@contextmanager
+def keep_modes(module: nn.Module) -> Iterator[None]:
+    """Restore the train/eval mode of ``module`` and of each submodule on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def trainable_batchnorms(module: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of ``module`` in training mode that keep running statistics.
 
@@ -99,29 +115,44 @@ def trainable_batchnorms(module: nn.Module) -> list[_BatchNorm]:
 
 
 @contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[list[_BatchNorm]]:
+    """Inside: ``module`` in eval mode (dropout off) except its trainable BatchNorm layers,
+    which normalise with batch statistics and leave their running statistics untouched.
+
+    Layers in eval mode on entry (frozen) keep normalising with their running statistics. Every
+    mode is restored on exit. Yields the layers switched to batch statistics.
+    """
+    layers = trainable_batchnorms(module)
+    with keep_modes(module):
+        module.eval()
+        for layer in layers:
+            # In train mode without tracking, BatchNorm normalises with batch statistics and
+            # leaves running_mean, running_var and num_batches_tracked untouched.
+            layer.train()
+            layer.track_running_stats = False
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                layer.track_running_stats = True
+
+
+@contextmanager
 def recalibrating(module: nn.Module) -> Iterator[list[_BatchNorm]]:
     """Recalibrate ``module``'s trainable BatchNorm layers from the forward passes inside.
 
-    Inside, those layers normalise with batch statistics without touching their running
-    statistics, every other submodule is in eval mode (dropout off), and gradients are off; on
-    exit the running statistics are set from everything the layers saw (:class:`Recalibration`)
-    and every mode is restored. Yields the layers being recalibrated.
+    Inside, as under :func:`batch_statistics` and without gradients; on exit the running
+    statistics are set from everything the layers saw (:class:`Recalibration`) and every mode
+    is restored. Yields the layers being recalibrated.
     """
-    layers = trainable_batchnorms(module)
-    modes = [(m, m.training) for m in module.modules()]
-    recalibration = Recalibration(layers)
-    try:
-        module.eval()
-        for layer in layers:
-            layer.train()
-            layer.track_running_stats = False  # batch statistics, buffers untouched
-        with torch.no_grad(), recalibration.active():
-            yield layers
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-        for m, mode in modes:
-            m.training = mode
+    with batch_statistics(module) as layers, torch.no_grad(), Recalibration(layers).active():
+        yield layers
 
 
-__all__ = ["Recalibration", "recalibrating", "trainable_batchnorms"]
+__all__ = [
+    "Recalibration",
+    "batch_statistics",
+    "keep_modes",
+    "recalibrating",
+    "trainable_batchnorms",
+]
