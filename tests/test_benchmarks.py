@@ -17,6 +17,8 @@ SCRIPTS = {
     "train_speed.py": ("training", "train_speed.png"),
     "planner_budget.py": ("planner", "planner.png"),
     "finedetail.py": ("finedetail", "finedetail_residue.png"),
+    "patch_size.py": ("patchsize", "finedetail_patch_size.png"),
+    "budget_study.py": ("budget", "budget_study.png"),
 }
 
 

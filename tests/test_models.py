@@ -103,6 +103,36 @@ def test_downscaled_gd_sees_the_resized_image():
     assert seen == [(2, 3, 40, 32)]
 
 
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_gd_gradient_accumulation_equals_the_whole_batch_step(micro_batch):
+    """Micro-batches of 1, 2 and an uneven 3 of a batch of 5: the same gradient, loss and
+    logits as the whole batch in one pass (BatchNorm frozen, so normalisation is per image)."""
+    images, targets = _fixed_batch(size=32, batch=5)
+    grads, results = [], []
+    for micro in (None, micro_batch):
+        torch.manual_seed(0)
+        model = GDClassifier(
+            "test_resnet", 3, 32, freeze_bn=True, micro_batch=micro, backbone_kwargs=RESNET
+        ).train()
+        seen = []
+        model.backbone.register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(len(args[0]))
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.step = lambda *a, **k: None  # keep the gradients for the comparison
+        opt.zero_grad = lambda *a, **k: None
+        results.append(model.training_step(images, targets, opt))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        expected = [5] if micro is None else [len(t) for t in torch.arange(5).split(micro)]
+        assert seen == expected
+    whole, accumulated = results
+    assert accumulated.optimizer_steps == 1
+    torch.testing.assert_close(accumulated.logits, whole.logits)
+    assert accumulated.losses[0] == pytest.approx(whole.losses[0], rel=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_sampler_state_travels_in_the_state_dict():
     a, b = MODELS["patchgd"](), MODELS["patchgd"]()
     a.sampler.plan(2, 4, 1, 4, 1.0)  # advance a's stream

@@ -39,6 +39,10 @@ class GDClassifier(Classifier):
             backbone keeps only its stages' inputs and recomputes the rest in the backward
             pass, so larger images fit in the same memory at the cost of time. The honest rival
             of PatchGD under a budget.
+        micro_batch: gradient accumulation: each training batch is forwarded in micro-batches
+            of at most this many images whose gradients add up to the whole batch's, for one
+            optimizer step. Memory is a micro-batch's; BatchNorm in training mode normalises
+            each micro-batch with its own statistics. ``None``: the whole batch at once.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class GDClassifier(Classifier):
         backbone_kwargs: dict[str, Any] | None = None,
         freeze_bn: bool = False,
         grad_checkpointing: bool = False,
+        micro_batch: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -67,6 +72,9 @@ class GDClassifier(Classifier):
         )
         self.freeze_bn = freeze_bn
         self.grad_checkpointing = grad_checkpointing
+        if micro_batch is not None and micro_batch < 1:
+            raise ConfigError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch
         if grad_checkpointing:
             try:
                 self.backbone.set_grad_checkpointing(True)
@@ -93,7 +101,15 @@ class GDClassifier(Classifier):
         hooks: StepHooks | None = None,
     ) -> StepResult:
         """One gradient-descent step on the batch, with the same hooks as PatchGD's step."""
-        return gd_train_step(self, images, targets, optimizer, loss_fn=loss_fn, hooks=hooks)
+        return gd_train_step(
+            self,
+            images,
+            targets,
+            optimizer,
+            loss_fn=loss_fn,
+            hooks=hooks,
+            micro_batch=self.micro_batch,
+        )
 
 
 class DownscaledGDClassifier(GDClassifier):
@@ -138,6 +154,7 @@ class GDExtendedClassifier(GDClassifier):
         backbone_kwargs: dict[str, Any] | None = None,
         freeze_bn: bool = False,
         grad_checkpointing: bool = False,
+        micro_batch: int | None = None,
     ) -> None:
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
         super().__init__(
@@ -149,6 +166,7 @@ class GDExtendedClassifier(GDClassifier):
             backbone_kwargs=kwargs,
             freeze_bn=freeze_bn,
             grad_checkpointing=grad_checkpointing,
+            micro_batch=micro_batch,
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(
@@ -193,17 +211,28 @@ def gd_train_step(
     *,
     loss_fn: LossFn = F.cross_entropy,
     hooks: StepHooks | None = None,
+    micro_batch: int | None = None,
 ) -> StepResult:
-    """Plain gradient descent: forward the whole batch, backward, one optimizer step."""
+    """Plain gradient descent: forward the batch, backward, one optimizer step.
+
+    With ``micro_batch``, the batch goes through in slices of at most that many images, each
+    loss weighted by its share of the batch, so that with a mean-reduced ``loss_fn`` the
+    accumulated gradient and the reported loss are the whole batch's (gradient accumulation).
+    """
     hooks = hooks or StepHooks()
     optimizer.zero_grad(set_to_none=True)
-    with hooks.grad_sync(True):
-        with hooks.autocast():
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-        hooks.backward(loss)
+    size = len(images)
+    step = micro_batch or size
+    slices = list(zip(images.split(step), targets.split(step), strict=True))
+    total, logits = 0.0, []
+    for i, (part, part_targets) in enumerate(slices):
+        with hooks.grad_sync(i == len(slices) - 1):
+            with hooks.autocast():
+                out = model(part)
+                loss = loss_fn(out, part_targets) * (len(part) / size)
+            hooks.backward(loss)
+        total += float(loss.detach())
+        logits.append(out.detach())
     (hooks.optimizer_step or plain_optimizer_step(optimizer))()
     torch.clear_autocast_cache()  # an enclosing autocast region would keep the old weights' copies
-    return StepResult(
-        losses=[float(loss.detach())], logits=logits.detach(), optimizer_steps=1, plan=[]
-    )
+    return StepResult(losses=[total], logits=torch.cat(logits), optimizer_steps=1, plan=[])

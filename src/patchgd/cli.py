@@ -27,6 +27,16 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"wrote {summary} and {figure}")
 
 
+def _flag(text: str) -> bool:
+    """``true``/``false`` (or yes/no, 1/0) for a boolean option."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _data_ultramnist(args: argparse.Namespace) -> None:
     from .data.ultramnist import DigitSource, UltraMNISTConfig, write_ultramnist
 
@@ -145,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
-            type=type(field.default),
+            type=_flag if isinstance(field.default, bool) else type(field.default),
             default=None,
             help=f"(default: {field.default})",
         )

@@ -1,0 +1,206 @@
+"""PatchGD against the GD baselines where the memory budget starves GD, on FineDetail.
+
+The demo's comparison (``patchgd demo``) scaled up: canvases of 1024 px (three seeds) and
+2048 px (one seed), each under a budget in which full-resolution GD cannot train even one
+image, so every rival has to give something up: GD with activation checkpointing keeps the
+resolution at a small batch and pays in recomputation (alone, and with gradient accumulation to
+PatchGD's batch), downscaled GD keeps a batch and loses the 2 px textures. Each canvas keeps
+the demo's density of evidence (4 objects per 512 × 512 px, all textured), so a larger canvas is
+a larger image of the same task, not a harder one.
+
+Each seed draws its own training, validation and test images and its own initialisation. Every
+method is planned by :func:`patchgd.planner.plan_classifier` under the budget and trained for
+the demo's epochs (:func:`patchgd.demo.run_demo`); the last epoch's model is scored on the test
+split, which nothing else sees (no checkpoint is chosen). Results go to
+``docs/reproduction.md``, beside the 512 px paper-setting study.
+
+    python benchmarks/budget_study.py           # about an hour on two cores
+    python benchmarks/budget_study.py --quick   # a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import (  # noqa: E402
+    DOCS,
+    add_common_options,
+    command_line,
+    machine_line,
+    markdown_table,
+    save_figure,
+    write_section,
+)
+
+from patchgd.data.finedetail import FineDetail  # noqa: E402
+from patchgd.demo import (  # noqa: E402
+    DemoConfig,
+    DemoResult,
+    evaluate,
+    materialise,
+    run_demo,
+    task_config,
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One canvas of the study: its side, its budget and its seeds."""
+
+    canvas: int
+    budget: str
+    seeds: tuple[int, ...]
+
+
+def density_scaled(cfg: DemoConfig, canvas: int) -> DemoConfig:
+    """``cfg`` on a ``canvas`` px image with the demo's objects per unit area."""
+    objects = max(1, round(cfg.objects * (canvas / DemoConfig.canvas_size) ** 2))
+    return replace(cfg, canvas_size=canvas, objects=objects, textured=objects)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_options(parser)
+    parser.add_argument("--per-class-test", type=int, default=50)
+    parser.add_argument(
+        "--canvas", type=int, action="append", help="run only this canvas (repeatable)"
+    )
+    args = parser.parse_args()
+    page = (
+        args.page if args.page is not None else (None if args.quick else DOCS / "reproduction.md")
+    )
+    base = DemoConfig(accumulated_gd=True)
+    settings = [Setting(1024, "192MiB", (0, 1, 2)), Setting(2048, "768MiB", (0,))]
+    per_class_test = args.per_class_test
+    if args.quick:
+        base = replace(base, backbone="test_resnet", patch_size=32, per_class_train=2,
+                       per_class_val=1, calibration_images=4, epochs=1, latent_dim=8)  # fmt: skip
+        settings = [Setting(64, "12MiB", (0, 1)), Setting(96, "16MiB", (0,))]
+        per_class_test = 1
+    if args.canvas:
+        settings = [s for s in settings if s.canvas in args.canvas]
+        if not settings:
+            parser.error(f"--canvas: none of {args.canvas} is in the study")
+
+    rows_by: dict[tuple[int, str], list[tuple[DemoResult, float]]] = {}
+    chance = 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        for setting in settings:
+            for seed in setting.seeds:
+                cfg = replace(
+                    density_scaled(base, setting.canvas),
+                    memory_budget=setting.budget,
+                    seed=seed,
+                    out=scratch,
+                )
+                results, models, _ = run_demo(cfg, log=False)
+                data = task_config(cfg)
+                chance = 1 / data.num_classes
+                test = materialise(FineDetail("test", per_class_test, data, seed=seed))
+                for r in results:
+                    # run_demo recalibrated each model's BatchNorm before its last validation.
+                    acc = (
+                        evaluate(models[r.method], DataLoader(test, 8), data.num_classes)
+                        if r.fits
+                        else float("nan")
+                    )
+                    rows_by.setdefault((setting.canvas, r.method), []).append((r, acc))
+                    print(f"{setting.canvas} px seed {seed} {r.method}: test {acc:.3f}", flush=True)
+
+    def spread(values: list[float]) -> str:
+        if not values:
+            return "does not fit"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+    table = []
+    for setting in settings:
+        for (canvas, method), runs in rows_by.items():
+            if canvas != setting.canvas:
+                continue
+            fitted = [(r, a) for r, a in runs if r.fits]
+            accs = [a for _, a in fitted]
+            table.append(
+                (
+                    f"{canvas} px, {setting.budget}",
+                    method,
+                    " / ".join(str(r.batch) for r, _ in fitted) or "-",
+                    " / ".join(str(r.input_px) for r, _ in fitted) or "-",
+                    " / ".join(f"{a:.3f}" for a in accs) or "-",
+                    spread(accs),
+                    f"{max(r.peak_mib or 0.0 for r, _ in fitted):.1f}" if fitted else "-",
+                    f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
+                    if fitted
+                    else "-",
+                )
+            )
+    text = "\n\n".join(
+        [
+            f"Command: `{command_line()}`",
+            machine_line(),
+            f"### Under a budget that starves GD (FineDetail, `{base.backbone}`, patch "
+            f"{base.patch_size}, {4 * base.per_class_train} training images, {base.epochs} "
+            f"epochs, Adam {base.lr:g}, {4 * per_class_test} test images per seed)",
+            "Test accuracy of the last epoch's model, one value per seed (each seed draws its "
+            f"own images and initialisation); chance is {chance:.2f}. Batch and input size are "
+            "the planner's, per seed; peak is the largest measured over the seeds; time per "
+            "epoch the median.",
+            markdown_table(
+                (
+                    "canvas, budget",
+                    "method",
+                    "batch",
+                    "input px",
+                    "test acc by seed",
+                    "mean ± sd",
+                    "peak MiB",
+                    "s/epoch",
+                ),
+                table,
+            ),
+        ]
+    )
+    if page is None:
+        print(text)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(method for _, method in rows_by))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        for j, setting in enumerate(settings):
+            accs = [a for r, a in rows_by.get((setting.canvas, method), []) if r.fits]
+            if not accs:
+                continue
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ax.bar(j + i * width, statistics.mean(accs), width, yerr=sd, capsize=3,
+                   color=f"C{i}", label=method if j == 0 else None)  # fmt: skip
+    ax.axhline(chance, color="gray", linestyle=":", label="chance")
+    ax.set_xticks(
+        [j + width * (len(methods) - 1) / 2 for j in range(len(settings))],
+        [f"{s.canvas} px, {s.budget}" for s in settings],
+    )
+    ax.set_ylabel("test accuracy (mean of seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("FineDetail under one memory budget per canvas")
+    ax.legend(fontsize=8)
+    figure = save_figure(fig, "budget_study", page)
+    text += f"\n\n![test accuracy under the budget]({figure.name})"
+    write_section("budget", text, page)
+
+
+if __name__ == "__main__":
+    main()

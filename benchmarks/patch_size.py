@@ -1,0 +1,202 @@
+"""Patch size on the demo's task: how fast the patch-level model learns, exactly and by PatchGD.
+
+PatchGD's model encodes each patch on its own and classifies the grid of embeddings. This
+benchmark separates two questions on the task of ``patchgd demo`` (FineDetail, 512 px), with no
+memory budget and one batch size for every run, so that only the patch size changes:
+
+1. **The model.** The patch-level model trained by exact GD (every patch re-encoded with
+   gradients, ζ = 1), for each patch size, against GD on the whole image (one patch of 512 px
+   is the whole-image model with a projection in front of the linear layer).
+2. **The sampling.** The same model trained by PatchGD as the demo trains it (k = 1/8 of the
+   grid per inner iteration, half of the grid visited per outer step).
+
+Validation accuracy after the last epoch, BatchNorm recalibrated on 64 training images, for
+three initialisation seeds; time per epoch beside it. Written to ``docs/finedetail.md``.
+
+    python benchmarks/patch_size.py           # about 17 minutes on two cores
+    python benchmarks/patch_size.py --quick   # a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import (  # noqa: E402
+    DOCS,
+    add_common_options,
+    command_line,
+    machine_line,
+    markdown_table,
+    save_figure,
+    write_section,
+)
+
+from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier  # noqa: E402
+from patchgd.data.finedetail import FineDetail  # noqa: E402
+from patchgd.demo import (  # noqa: E402
+    DemoConfig,
+    calibration_batches,
+    evaluate,
+    materialise,
+    task_config,
+    train_epoch,
+)
+from patchgd.model import Classifier  # noqa: E402
+
+BATCH = 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_options(parser)
+    args = parser.parse_args()
+    page = args.page if args.page is not None else (None if args.quick else DOCS / "finedetail.md")
+
+    cfg = DemoConfig()
+    if args.quick:
+        cfg = replace(cfg, backbone="test_resnet", canvas_size=128, per_class_train=2,
+                      per_class_val=1, calibration_images=4, epochs=1)  # fmt: skip
+    # One patch of the whole canvas is the exact model only: PatchGD would re-encode it anyway.
+    patch_sizes = (32, 64) if args.quick else (64, 128, 256)
+    exact_sizes = (*patch_sizes, cfg.canvas_size)
+    seeds = (0,) if args.quick else (0, 1, 2)
+    data = task_config(cfg)
+    classes = data.num_classes
+    train = materialise(FineDetail("train", cfg.per_class_train, data, seed=cfg.seed))
+    val = DataLoader(materialise(FineDetail("val", cfg.per_class_val, data, seed=cfg.seed)), 8)
+    calibration = calibration_batches(train, cfg.calibration_images, BATCH)
+
+    def patch_model(patch: int, exact: bool) -> Callable[[], Classifier]:
+        loop = (
+            InnerLoopConfig(sampling_fraction=1.0, max_visit_fraction=1.0)
+            if exact
+            else InnerLoopConfig(
+                sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
+            )
+        )
+        return lambda: PatchGDClassifier(
+            cfg.backbone,
+            classes,
+            cfg.canvas_size,
+            patch,
+            in_chans=1,
+            latent_dim=cfg.latent_dim,
+            head=HeadConfig(
+                width=cfg.latent_dim,
+                stride1_layers=0,
+                stride2_layers=0,
+                dropout=0.0,
+                norm="none",
+                pool="avg",
+            ),  # fmt: skip
+            loop=loop,
+            fill_chunk=cfg.fill_chunk,
+        )
+
+    runs: dict[str, tuple[str, int | None, Callable[[], Classifier]]] = {
+        f"GD on the whole {cfg.canvas_size} px image": (
+            "whole image",
+            None,
+            lambda: GDClassifier(cfg.backbone, classes, cfg.canvas_size, in_chans=1),
+        ),
+    }
+    for patch in exact_sizes:
+        runs[f"patch {patch}: the patch-level model by exact GD"] = (
+            "exact",
+            patch,
+            patch_model(patch, exact=True),
+        )
+    for patch in patch_sizes:
+        runs[f"patch {patch}: PatchGD as the demo trains it"] = (
+            "PatchGD",
+            patch,
+            patch_model(patch, exact=False),
+        )
+
+    scores: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    for name, (_, _, build) in runs.items():
+        scores[name], seconds[name] = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = build()
+            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(cfg.epochs):
+                loader = DataLoader(train, BATCH, shuffle=True, drop_last=True, generator=generator)
+                start = time.perf_counter()
+                train_epoch(model, optimizer, loader)
+                seconds[name].append(time.perf_counter() - start)
+            scores[name].append(evaluate(model, val, classes, calibration))
+            print(f"{name} seed {seed}: {scores[name][-1]:.3f}", flush=True)
+
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+    rows = [
+        (
+            name,
+            " / ".join(f"{s:.2f}" for s in scores[name]),
+            spread(scores[name]),
+            f"{statistics.median(seconds[name]):.1f}",
+        )
+        for name in runs
+    ]
+    text = "\n\n".join(
+        [
+            f"Command: `{command_line()}`",
+            machine_line(),
+            f"### Patch size on the demo's task ({cfg.canvas_size} px, `{cfg.backbone}`, "
+            f"{len(train)} training and {len(val.dataset)} validation images, batch {BATCH}, "
+            f"{cfg.epochs} epochs, Adam {cfg.lr:g}, no budget)",
+            "Validation accuracy after the last epoch (BatchNorm recalibrated) for "
+            f"initialisation seeds {', '.join(map(str, seeds))}; chance is {1 / classes:.2f}.",
+            markdown_table(
+                ("run", "val acc by seed", "mean ± sd", "median s/epoch"),
+                rows,
+            ),
+        ]
+    )
+    if page is None:
+        print(text)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, marker in (("exact", "o-"), ("PatchGD", "s--")):
+        xs = [runs[n][1] for n in runs if runs[n][0] == kind]
+        ys = [statistics.mean(scores[n]) for n in runs if runs[n][0] == kind]
+        label = "patch-level model, exact GD" if kind == "exact" else "PatchGD (demo's sampling)"
+        ax.plot(xs, ys, marker, label=label)
+    whole = next(n for n in runs if runs[n][0] == "whole image")
+    ax.axhline(statistics.mean(scores[whole]), color="black", label="GD, whole image")
+    ax.axhline(1 / classes, color="gray", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(exact_sizes), [str(p) for p in exact_sizes])
+    ax.set_xlabel("patch side (px)")
+    ax.set_ylabel("validation accuracy (mean of seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("FineDetail, the demo's task: accuracy against patch size")
+    ax.legend(fontsize=8)
+    figure = save_figure(fig, "finedetail_patch_size", page)
+    text += f"\n\n![accuracy against patch size]({figure.name})"
+    write_section("patchsize", text, page)
+
+
+if __name__ == "__main__":
+    main()
