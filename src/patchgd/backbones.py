@@ -10,6 +10,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from .conv import use_stride_safe_convolutions
 from .errors import ConfigError
 
 Pretrained = str | Path | bool | None
@@ -50,7 +51,23 @@ def create_backbone(
             timm, which adapts the classifier, ``in_chans`` and ViT position embeddings; ``True``
             downloads timm's default weights (needs a network); ``None``/``False``: random init.
         **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``norm_layer``).
+
+    Strided convolutions become :class:`~patchgd.conv.StrideSafeConv2d` (same function and
+    weights), which avoids a oneDNN bf16 gradient defect on small feature maps.
     """
+    return use_stride_safe_convolutions(
+        _create(name, num_classes, image_size, in_chans, pretrained, **kwargs)
+    )
+
+
+def _create(
+    name: str,
+    num_classes: int,
+    image_size: int | tuple[int, int] | None,
+    in_chans: int,
+    pretrained: Pretrained,
+    **kwargs: Any,
+) -> nn.Module:
     check_backbone_name(name)
     load: dict[str, Any] = {"pretrained": False}
     if isinstance(pretrained, str | Path):

@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from .conv import StrideSafeConv2d
 from .errors import ConfigError
 
 Norm = Literal["batch", "group", "none"]
@@ -79,7 +80,7 @@ class LatentHead(nn.Module):
         channels = latent_dim
         for stride in [1] * stride1_layers + [2] * stride2_layers:
             layers += [
-                nn.Conv2d(channels, width, 3, stride=stride, padding=1),
+                StrideSafeConv2d(channels, width, 3, stride=stride, padding=1),
                 nn.ReLU(inplace=True),
                 _norm_layer(norm, width),
                 nn.Dropout2d(dropout),
