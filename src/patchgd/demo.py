@@ -5,9 +5,9 @@ small objects of a large canvas, and an antialiased resize by two erases it. The
 puts the texture on every object, at twice the default contrast: with the default (one to three
 textured objects among up to eight) nothing learns from scratch in a three-minute run, while GD
 without a budget (batch 8) reaches 0.73 on this variant after one epoch. PatchGD encodes
-patches of 128 px: an epoch takes about two thirds of the time it takes at 64 px (fewer, larger
-encoder calls), so four epochs fit in the three minutes; ``benchmarks/patch_size.py`` measures
-accuracy against patch size. Every method gets
+patches of 128 px: without a budget it scored 0.64 there against 0.52 at 64 px (3 seeds), with
+epochs a quarter shorter (``benchmarks/patch_size.py``), so four epochs fit in the three
+minutes. Every method gets
 the same emulated budget. The planner (:mod:`patchgd.planner`) measures trial steps and gives
 each method the largest batch up to ``batch_size`` that fits; downscaled GD instead gets the
 largest input side at that batch. A method that cannot train even one image is reported as not
