@@ -1,10 +1,11 @@
 """PatchGD against the GD baselines where the memory budget starves GD, on FineDetail.
 
 The demo's comparison (``patchgd demo``) scaled up: canvases of 1024 px (three seeds) and
-2048 px (one seed), each under a budget in which full-resolution GD cannot train even one
-image, so every rival has to give something up: GD with activation checkpointing keeps the
-resolution at a small batch and pays in recomputation (alone, and with gradient accumulation to
-PatchGD's batch), downscaled GD keeps a batch and loses the 2 px textures. Each canvas keeps
+2048 px (one seed), under budgets in which full-resolution GD cannot train one image (at
+1024 px and 192 MiB the planner finds no batch that fits; 768 MiB scales it with the pixels),
+so every rival has to give something up: GD with activation checkpointing keeps the resolution
+at a small batch and pays in recomputation (alone, and with gradient accumulation to PatchGD's
+batch), downscaled GD keeps a batch and loses the 2 px textures. Each canvas keeps
 the demo's density of evidence (4 objects per 512 × 512 px, all textured), so a larger canvas is
 a larger image of the same task, not a harder one.
 
@@ -14,8 +15,11 @@ the demo's epochs (:func:`patchgd.demo.run_demo`); the last epoch's model is sco
 split, which nothing else sees (no checkpoint is chosen). Results go to
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
-    python benchmarks/budget_study.py           # about an hour on two cores
-    python benchmarks/budget_study.py --quick   # a smoke run (tests)
+    python benchmarks/budget_study.py --canvas 1024   # about 55 minutes on two cores
+    python benchmarks/budget_study.py                 # and the 2048 px row (not yet timed)
+    python benchmarks/budget_study.py --quick         # a smoke run (tests)
+
+The page is rewritten after each canvas, so an interrupted run keeps the canvases it finished.
 """
 
 from __future__ import annotations
@@ -93,6 +97,95 @@ def main() -> None:
 
     rows_by: dict[tuple[int, str], list[tuple[DemoResult, float]]] = {}
     chance = 0.0
+
+    def spread(values: list[float]) -> str:
+        if not values:
+            return "does not fit"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+    def publish(done: list[Setting]) -> None:
+        """The table and plot of the settings done so far (a long run keeps what it has)."""
+        table = []
+        for setting in done:
+            for (canvas, method), runs in rows_by.items():
+                if canvas != setting.canvas:
+                    continue
+                fitted = [(r, a) for r, a in runs if r.fits]
+                accs = [a for _, a in fitted]
+                table.append(
+                    (
+                        f"{canvas} px, {setting.budget}",
+                        method,
+                        " / ".join(str(r.batch) for r, _ in fitted) or "-",
+                        " / ".join(str(r.input_px) for r, _ in fitted) or "-",
+                        " / ".join(f"{a:.3f}" for a in accs) or "-",
+                        spread(accs),
+                        f"{max(r.peak_mib or 0.0 for r, _ in fitted):.1f}" if fitted else "-",
+                        f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
+                        if fitted
+                        else "-",
+                    )
+                )
+        text = "\n\n".join(
+            [
+                f"Command: `{command_line()}`",
+                machine_line(),
+                f"### Under a budget that starves GD (FineDetail, `{base.backbone}`, patch "
+                f"{base.patch_size}, {4 * base.per_class_train} training images, {base.epochs} "
+                f"epochs, Adam {base.lr:g}, {4 * per_class_test} test images per seed)",
+                "Test accuracy of the last epoch's model, one value per seed (each seed draws its "
+                f"own images and initialisation); chance is {chance:.2f}. Batch and input size are "
+                "the planner's, per seed; peak is the largest measured over the seeds; time per "
+                "epoch the median.",
+                markdown_table(
+                    (
+                        "canvas, budget",
+                        "method",
+                        "batch",
+                        "input px",
+                        "test acc by seed",
+                        "mean ± sd",
+                        "peak MiB",
+                        "s/epoch",
+                    ),
+                    table,
+                ),
+            ]
+        )
+        if page is None:
+            print(text)
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        methods = list(dict.fromkeys(method for _, method in rows_by))
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            for j, setting in enumerate(done):
+                accs = [a for r, a in rows_by.get((setting.canvas, method), []) if r.fits]
+                if not accs:
+                    continue
+                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                ax.bar(j + i * width, statistics.mean(accs), width, yerr=sd, capsize=3,
+                       color=f"C{i}", label=method if j == 0 else None)  # fmt: skip
+        ax.axhline(chance, color="gray", linestyle=":", label="chance")
+        ax.set_xticks(
+            [j + width * (len(methods) - 1) / 2 for j in range(len(done))],
+            [f"{s.canvas} px, {s.budget}" for s in done],
+        )
+        ax.set_ylabel("test accuracy (mean of seeds)")
+        ax.set_ylim(0, 1)
+        ax.set_title("FineDetail under one memory budget per canvas")
+        ax.legend(fontsize=8)
+        figure = save_figure(fig, "budget_study", page)
+        text += f"\n\n![test accuracy under the budget]({figure.name})"
+        write_section("budget", text, page)
+
+    done: list[Setting] = []
     with tempfile.TemporaryDirectory() as scratch:
         for setting in settings:
             for seed in setting.seeds:
@@ -115,91 +208,8 @@ def main() -> None:
                     )
                     rows_by.setdefault((setting.canvas, r.method), []).append((r, acc))
                     print(f"{setting.canvas} px seed {seed} {r.method}: test {acc:.3f}", flush=True)
-
-    def spread(values: list[float]) -> str:
-        if not values:
-            return "does not fit"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-    table = []
-    for setting in settings:
-        for (canvas, method), runs in rows_by.items():
-            if canvas != setting.canvas:
-                continue
-            fitted = [(r, a) for r, a in runs if r.fits]
-            accs = [a for _, a in fitted]
-            table.append(
-                (
-                    f"{canvas} px, {setting.budget}",
-                    method,
-                    " / ".join(str(r.batch) for r, _ in fitted) or "-",
-                    " / ".join(str(r.input_px) for r, _ in fitted) or "-",
-                    " / ".join(f"{a:.3f}" for a in accs) or "-",
-                    spread(accs),
-                    f"{max(r.peak_mib or 0.0 for r, _ in fitted):.1f}" if fitted else "-",
-                    f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
-                    if fitted
-                    else "-",
-                )
-            )
-    text = "\n\n".join(
-        [
-            f"Command: `{command_line()}`",
-            machine_line(),
-            f"### Under a budget that starves GD (FineDetail, `{base.backbone}`, patch "
-            f"{base.patch_size}, {4 * base.per_class_train} training images, {base.epochs} "
-            f"epochs, Adam {base.lr:g}, {4 * per_class_test} test images per seed)",
-            "Test accuracy of the last epoch's model, one value per seed (each seed draws its "
-            f"own images and initialisation); chance is {chance:.2f}. Batch and input size are "
-            "the planner's, per seed; peak is the largest measured over the seeds; time per "
-            "epoch the median.",
-            markdown_table(
-                (
-                    "canvas, budget",
-                    "method",
-                    "batch",
-                    "input px",
-                    "test acc by seed",
-                    "mean ± sd",
-                    "peak MiB",
-                    "s/epoch",
-                ),
-                table,
-            ),
-        ]
-    )
-    if page is None:
-        print(text)
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(method for _, method in rows_by))
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        for j, setting in enumerate(settings):
-            accs = [a for r, a in rows_by.get((setting.canvas, method), []) if r.fits]
-            if not accs:
-                continue
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            ax.bar(j + i * width, statistics.mean(accs), width, yerr=sd, capsize=3,
-                   color=f"C{i}", label=method if j == 0 else None)  # fmt: skip
-    ax.axhline(chance, color="gray", linestyle=":", label="chance")
-    ax.set_xticks(
-        [j + width * (len(methods) - 1) / 2 for j in range(len(settings))],
-        [f"{s.canvas} px, {s.budget}" for s in settings],
-    )
-    ax.set_ylabel("test accuracy (mean of seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title("FineDetail under one memory budget per canvas")
-    ax.legend(fontsize=8)
-    figure = save_figure(fig, "budget_study", page)
-    text += f"\n\n![test accuracy under the budget]({figure.name})"
-    write_section("budget", text, page)
+            done.append(setting)
+            publish(done)
 
 
 if __name__ == "__main__":
