@@ -19,7 +19,9 @@ split, which nothing else sees (no checkpoint is chosen). Results go to
     python benchmarks/budget_study.py                 # and the 2048 px row (not yet timed)
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
-The page is rewritten after each canvas, so an interrupted run keeps the canvases it finished.
+Each canvas has its own section of the page (``budget-1024``, ``budget-2048``), written as soon
+as its seeds are done: an interrupted run keeps the canvases it finished, and ``--canvas``
+reruns one without touching the others.
 """
 
 from __future__ import annotations
@@ -104,36 +106,36 @@ def main() -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
-    def publish(done: list[Setting]) -> None:
-        """The table and plot of the settings done so far (a long run keeps what it has)."""
+    def publish(setting: Setting) -> None:
+        """One canvas's section and plot (``budget-<canvas>``), written when it is done."""
         table = []
-        for setting in done:
-            for (canvas, method), runs in rows_by.items():
-                if canvas != setting.canvas:
-                    continue
-                fitted = [(r, a) for r, a in runs if r.fits]
-                accs = [a for _, a in fitted]
-                table.append(
-                    (
-                        f"{canvas} px, {setting.budget}",
-                        method,
-                        " / ".join(str(r.batch) for r, _ in fitted) or "-",
-                        " / ".join(str(r.input_px) for r, _ in fitted) or "-",
-                        " / ".join(f"{a:.3f}" for a in accs) or "-",
-                        spread(accs),
-                        f"{max(r.peak_mib or 0.0 for r, _ in fitted):.1f}" if fitted else "-",
-                        f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
-                        if fitted
-                        else "-",
-                    )
+        for (canvas, method), runs in rows_by.items():
+            if canvas != setting.canvas:
+                continue
+            fitted = [(r, a) for r, a in runs if r.fits]
+            accs = [a for _, a in fitted]
+            table.append(
+                (
+                    f"{canvas} px, {setting.budget}",
+                    method,
+                    " / ".join(str(r.batch) for r, _ in fitted) or "-",
+                    " / ".join(str(r.input_px) for r, _ in fitted) or "-",
+                    " / ".join(f"{a:.3f}" for a in accs) or "-",
+                    spread(accs),
+                    f"{max(r.peak_mib or 0.0 for r, _ in fitted):.1f}" if fitted else "-",
+                    f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
+                    if fitted
+                    else "-",
                 )
+            )
         text = "\n\n".join(
             [
                 f"Command: `{command_line()}`",
                 machine_line(),
-                f"### Under a budget that starves GD (FineDetail, `{base.backbone}`, patch "
-                f"{base.patch_size}, {4 * base.per_class_train} training images, {base.epochs} "
-                f"epochs, Adam {base.lr:g}, {4 * per_class_test} test images per seed)",
+                f"### {setting.canvas} px under {setting.budget} (FineDetail, "
+                f"`{base.backbone}`, patch {base.patch_size}, {4 * base.per_class_train} "
+                f"training images, {base.epochs} epochs, Adam {base.lr:g}, "
+                f"{4 * per_class_test} test images per seed)",
                 "Test accuracy of the last epoch's model, one value per seed (each seed draws its "
                 f"own images and initialisation); chance is {chance:.2f}. Batch and input size are "
                 "the planner's, per seed; peak is the largest measured over the seeds; time per "
@@ -161,31 +163,25 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        methods = list(dict.fromkeys(method for _, method in rows_by))
+        methods = [m for c, m in rows_by if c == setting.canvas]
         fig, ax = plt.subplots(figsize=(7, 3.8))
-        width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            for j, setting in enumerate(done):
-                accs = [a for r, a in rows_by.get((setting.canvas, method), []) if r.fits]
-                if not accs:
-                    continue
+            accs = [a for r, a in rows_by[(setting.canvas, method)] if r.fits]
+            if accs:
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                ax.bar(j + i * width, statistics.mean(accs), width, yerr=sd, capsize=3,
-                       color=f"C{i}", label=method if j == 0 else None)  # fmt: skip
+                ax.bar(i, statistics.mean(accs), 0.6, yerr=sd, capsize=3, color=f"C{i}")
+            else:
+                ax.text(i, 0.02, "does not fit", ha="center", rotation=90, fontsize=8)
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
-        ax.set_xticks(
-            [j + width * (len(methods) - 1) / 2 for j in range(len(done))],
-            [f"{s.canvas} px, {s.budget}" for s in done],
-        )
-        ax.set_ylabel("test accuracy (mean of seeds)")
+        ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
+        ax.set_ylabel("test accuracy (mean ± sd of seeds)")
         ax.set_ylim(0, 1)
-        ax.set_title("FineDetail under one memory budget per canvas")
+        ax.set_title(f"FineDetail, {setting.canvas} px under {setting.budget}")
         ax.legend(fontsize=8)
-        figure = save_figure(fig, "budget_study", page)
+        figure = save_figure(fig, f"budget_study_{setting.canvas}", page)
         text += f"\n\n![test accuracy under the budget]({figure.name})"
-        write_section("budget", text, page)
+        write_section(f"budget-{setting.canvas}", text, page)
 
-    done: list[Setting] = []
     with tempfile.TemporaryDirectory() as scratch:
         for setting in settings:
             for seed in setting.seeds:
@@ -208,8 +204,7 @@ def main() -> None:
                     )
                     rows_by.setdefault((setting.canvas, r.method), []).append((r, acc))
                     print(f"{setting.canvas} px seed {seed} {r.method}: test {acc:.3f}", flush=True)
-            done.append(setting)
-            publish(done)
+            publish(setting)
 
 
 if __name__ == "__main__":

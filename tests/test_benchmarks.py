@@ -18,7 +18,7 @@ SCRIPTS = {
     "planner_budget.py": ("planner", "planner.png"),
     "finedetail.py": ("finedetail", "finedetail_residue.png"),
     "patch_size.py": ("patchsize", "finedetail_patch_size.png"),
-    "budget_study.py": ("budget", "budget_study.png"),
+    "budget_study.py": ("budget-64", "budget_study_64.png"),  # --quick: canvases 64 and 96
 }
 
 
