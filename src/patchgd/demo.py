@@ -7,14 +7,14 @@ textured objects among up to eight) nothing learns from scratch in a three-minut
 without a budget (batch 8) reaches 0.73 on this variant after one epoch. PatchGD encodes
 patches of 128 px: without a budget it scored 0.64 there against 0.52 at 64 px (3 seeds), with
 epochs a quarter shorter (``benchmarks/patch_size.py``), so four epochs fit in the three
-minutes. Every method gets the same emulated budget. The planner (:mod:`patchgd.planner`) measures trial steps and gives
-each method the largest batch up to ``batch_size`` that fits; downscaled GD instead gets the
-largest input side at that batch. A method that cannot train even one image is reported as not
-fitting. Before every evaluation each model's BatchNorm is recalibrated on training images
-(:mod:`patchgd.batchnorm`). The first epoch runs under the memory probe
-(:func:`patchgd.memory.measure`), so the table reports each method's measured peak beside the
-budget. Uses only the public engine API and a plain PyTorch loop, so it doubles as an example of
-training PatchGD in your own loop.
+minutes. Every method gets the same emulated budget. The planner (:mod:`patchgd.planner`)
+measures trial steps and gives each method the largest batch up to ``batch_size`` that fits;
+downscaled GD instead gets the largest input side at that batch. A method that cannot train
+even one image is reported as not fitting. Before every evaluation each model's BatchNorm is
+recalibrated on training images (:mod:`patchgd.batchnorm`). The first epoch runs under the
+memory probe (:func:`patchgd.memory.measure`), so the table reports each method's measured peak
+beside the budget. Uses only the public engine API and a plain PyTorch loop, so it doubles as
+an example of training PatchGD in your own loop.
 """
 
 from __future__ import annotations
