@@ -12,6 +12,7 @@ import datetime as _dt
 import os
 import platform
 import shlex
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,11 +121,17 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
-def output_page(args: argparse.Namespace) -> Path | None:
-    """Where this run's results go: ``--page``, else the docs page for full runs only."""
+def output_page(args: argparse.Namespace, default: Path = PAGE) -> Path | None:
+    """Where this run's results go: ``--page``, else ``default`` for full runs only."""
     if args.page is not None:
         return args.page
-    return None if args.quick else PAGE
+    return None if args.quick else default
+
+
+def mean_sd(values: Sequence[float], digits: int = 2) -> str:
+    """``mean ± sd`` of the values (sd 0 for one value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def fill_chunk(args: argparse.Namespace) -> int:

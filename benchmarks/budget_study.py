@@ -43,6 +43,8 @@ from _report import (  # noqa: E402
     command_line,
     machine_line,
     markdown_table,
+    mean_sd,
+    output_page,
     save_figure,
     write_section,
 )
@@ -81,9 +83,7 @@ def main() -> None:
         "--canvas", type=int, action="append", help="run only this canvas (repeatable)"
     )
     args = parser.parse_args()
-    page = (
-        args.page if args.page is not None else (None if args.quick else DOCS / "reproduction.md")
-    )
+    page = output_page(args, DOCS / "reproduction.md")
     base = DemoConfig(accumulated_gd=True)
     settings = [Setting(1024, "192MiB", (0, 1, 2)), Setting(2048, "768MiB", (0,))]
     per_class_test = args.per_class_test
@@ -101,10 +101,7 @@ def main() -> None:
     chance = 0.0
 
     def spread(values: list[float]) -> str:
-        if not values:
-            return "does not fit"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+        return mean_sd(values, 3) if values else "does not fit"
 
     def publish(setting: Setting) -> None:
         """One canvas's section and plot (``budget-<canvas>``), written when it is done."""

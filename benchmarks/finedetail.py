@@ -35,6 +35,7 @@ from _report import (  # noqa: E402
     command_line,
     machine_line,
     markdown_table,
+    output_page,
     save_figure,
     write_section,
 )
@@ -86,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
     args = parser.parse_args()
-    page = args.page if args.page is not None else (None if args.quick else DOCS / "finedetail.md")
+    page = output_page(args, DOCS / "finedetail.md")
 
     canvas = 192 if args.quick else 512
     per_class, val_per_class, epochs = (2, 1, 1) if args.quick else (100, 25, 4)

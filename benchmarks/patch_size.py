@@ -38,17 +38,20 @@ from _report import (  # noqa: E402
     command_line,
     machine_line,
     markdown_table,
+    mean_sd,
+    output_page,
     save_figure,
     write_section,
 )
 
-from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier  # noqa: E402
+from patchgd import GDClassifier, InnerLoopConfig  # noqa: E402
 from patchgd.data.finedetail import FineDetail  # noqa: E402
 from patchgd.demo import (  # noqa: E402
     DemoConfig,
     calibration_batches,
     evaluate,
     materialise,
+    patchgd_model,
     task_config,
     train_epoch,
 )
@@ -61,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
     args = parser.parse_args()
-    page = args.page if args.page is not None else (None if args.quick else DOCS / "finedetail.md")
+    page = output_page(args, DOCS / "finedetail.md")
 
     cfg = DemoConfig()
     if args.quick:
@@ -78,31 +81,9 @@ def main() -> None:
     calibration = calibration_batches(train, cfg.calibration_images, BATCH)
 
     def patch_model(patch: int, exact: bool) -> Callable[[], Classifier]:
-        loop = (
-            InnerLoopConfig(sampling_fraction=1.0, max_visit_fraction=1.0)
-            if exact
-            else InnerLoopConfig(
-                sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
-            )
-        )
-        return lambda: PatchGDClassifier(
-            cfg.backbone,
-            classes,
-            cfg.canvas_size,
-            patch,
-            in_chans=1,
-            latent_dim=cfg.latent_dim,
-            head=HeadConfig(
-                width=cfg.latent_dim,
-                stride1_layers=0,
-                stride2_layers=0,
-                dropout=0.0,
-                norm="none",
-                pool="avg",
-            ),  # fmt: skip
-            loop=loop,
-            fill_chunk=cfg.fill_chunk,
-        )
+        # Exact: every patch re-encoded with gradients in one inner iteration; else the demo's.
+        loop = InnerLoopConfig(sampling_fraction=1.0, max_visit_fraction=1.0) if exact else None
+        return lambda: patchgd_model(replace(cfg, patch_size=patch), loop)
 
     runs: dict[str, tuple[str, int | None, Callable[[], Classifier]]] = {
         f"GD on the whole {cfg.canvas_size} px image": (
@@ -141,15 +122,11 @@ def main() -> None:
             scores[name].append(evaluate(model, val, classes, calibration))
             print(f"{name} seed {seed}: {scores[name][-1]:.3f}", flush=True)
 
-    def spread(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
-
     rows = [
         (
             name,
             " / ".join(f"{s:.2f}" for s in scores[name]),
-            spread(scores[name]),
+            mean_sd(scores[name]),
             f"{statistics.median(seconds[name]):.1f}",
         )
         for name in runs

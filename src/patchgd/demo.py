@@ -96,6 +96,34 @@ def task_config(cfg: DemoConfig) -> FineDetailConfig:
     )
 
 
+def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> PatchGDClassifier:
+    """The demo's PatchGD: ``cfg``'s patches, latent width and head, trained by ``loop``.
+
+    ``loop`` defaults to ``cfg``'s sampling (``sampling_fraction``, ``max_visit_fraction``).
+    """
+    return PatchGDClassifier(
+        cfg.backbone,
+        FineDetailConfig().num_classes,
+        cfg.canvas_size,
+        cfg.patch_size,
+        in_chans=1,
+        latent_dim=cfg.latent_dim,
+        head=HeadConfig(
+            width=cfg.latent_dim,
+            stride1_layers=0,
+            stride2_layers=cfg.head_layers,
+            dropout=0.0,
+            pool="avg",
+        ),
+        loop=loop
+        or InnerLoopConfig(
+            sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
+        ),
+        fill_chunk=cfg.fill_chunk,
+        seed=cfg.seed,
+    )
+
+
 def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int], Classifier]]]:
     """PatchGD and the GD baselines on the same backbone, each from the same seed.
 
@@ -115,28 +143,7 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
             cfg.backbone, classes, cfg.canvas_size, in_chans=1, grad_checkpointing=checkpointing
         )
 
-    patchgd = seeded(
-        lambda: PatchGDClassifier(
-            cfg.backbone,
-            classes,
-            cfg.canvas_size,
-            cfg.patch_size,
-            in_chans=1,
-            latent_dim=cfg.latent_dim,
-            head=HeadConfig(
-                width=cfg.latent_dim,
-                stride1_layers=0,
-                stride2_layers=cfg.head_layers,
-                dropout=0.0,
-                pool="avg",
-            ),
-            loop=InnerLoopConfig(
-                sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
-            ),
-            fill_chunk=cfg.fill_chunk,
-            seed=cfg.seed,
-        )
-    )
+    patchgd = seeded(lambda: patchgd_model(cfg))
     methods = {
         "PatchGD": (patchgd, downscaled),
         "GD": (seeded(lambda: gd(False)), downscaled),
