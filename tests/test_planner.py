@@ -129,3 +129,31 @@ def test_patchgd_whose_encoder_cannot_train_on_one_image_is_planned_from_two():
     kwargs["loop"] = InnerLoopConfig(patches_per_step=1)
     plan = plan_patchgd(kwargs, 64 * 2**20, max_batch=4)
     assert 2 <= plan.batch_size <= 4 and plan.patches_per_step == 1
+
+
+def test_gd_with_accumulation_gets_the_largest_micro_batch_beside_the_whole_batch():
+    """Accumulation keeps the whole batch in memory while micro-batches go through: the plan
+    must count it, and the planned step, run again from scratch, must stay under the budget."""
+    from patchgd import GDClassifier
+    from patchgd.memory import live_training_bytes
+    from patchgd.planner import plan_classifier, plan_gd
+
+    budget, batch, side = 24 * 2**20, 24, 128
+    plain = plan_gd(lambda: GDClassifier("test_resnet", 3, side), side, budget)
+    assert plain.batch_size < batch  # the whole batch at once does not fit
+    model, plan = plan_classifier(GDClassifier("test_resnet", 3, side, micro_batch=1), budget, batch)
+    micro = model.micro_batch
+    assert plan.batch_size == batch and 1 <= micro <= plain.batch_size
+    assert plan.config_changes == {"model.classifier.init_args.micro_batch": micro}
+    assert plan.predicted_peak_bytes <= budget
+
+    def peak(m: int) -> int:
+        fresh = GDClassifier("test_resnet", 3, side, micro_batch=m).train()
+        images, targets = torch.randn(batch, 3, side, side), torch.arange(batch) % 3
+        optimizer = torch.optim.Adam(fresh.parameters())
+        fresh.training_step(images, targets, optimizer)  # the second step is the steady one
+        _, report = measure(lambda: fresh.training_step(images, targets, optimizer))
+        return live_training_bytes(fresh, images, optimizer) + report.tensor_bytes
+
+    assert peak(micro) <= budget
+    assert micro == batch or peak(micro + 1) > budget  # the largest micro-batch that fits

@@ -138,9 +138,14 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
     def downscaled(size: int) -> Classifier:
         return DownscaledGDClassifier(cfg.backbone, classes, cfg.canvas_size, size, in_chans=1)
 
-    def gd(checkpointing: bool) -> Classifier:
+    def gd(checkpointing: bool, micro_batch: int | None = None) -> Classifier:
         return GDClassifier(
-            cfg.backbone, classes, cfg.canvas_size, in_chans=1, grad_checkpointing=checkpointing
+            cfg.backbone,
+            classes,
+            cfg.canvas_size,
+            in_chans=1,
+            grad_checkpointing=checkpointing,
+            micro_batch=micro_batch,
         )
 
     patchgd = seeded(lambda: patchgd_model(cfg))
@@ -150,13 +155,13 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
         "GD, checkpointed": (seeded(lambda: gd(True)), downscaled),
     }
     if cfg.accumulated_gd:
-        methods[ACCUMULATED] = (seeded(lambda: gd(True)), downscaled)
+        methods[ACCUMULATED] = (seeded(lambda: gd(True, micro_batch=1)), downscaled)
     methods["GD, downscaled"] = (seeded(lambda: downscaled(cfg.canvas_size)), downscaled)
     return methods
 
 
-#: Checkpointed GD whose planned batch becomes its micro-batch, accumulated to PatchGD's batch:
-#: as many images per optimizer step as PatchGD, at the memory of the micro-batch.
+#: Checkpointed GD accumulating gradients over PatchGD's batch: as many images per optimizer
+#: step as PatchGD, in the largest micro-batches the budget leaves beside the whole batch.
 ACCUMULATED = "GD, ckpt, accum."
 
 
@@ -224,9 +229,12 @@ def run_demo(
     results, models = [], {}
     patchgd_batch: int | None = None
     for method, (model, rebuild) in methods.items():
+        wanted = cfg.batch_size
+        if method == ACCUMULATED:
+            wanted = patchgd_batch or cfg.batch_size
         with torch.random.fork_rng():  # planning must not shift the training's random stream
             try:
-                model, plan = plan_classifier(model, budget, cfg.batch_size, rebuild=rebuild)
+                model, plan = plan_classifier(model, budget, wanted, rebuild=rebuild)
             except ConfigError as err:
                 say(f"{method:16s} does not fit: {err}")
                 results.append(DemoResult(method, False, budget_mib=budget / 2**20, note=str(err)))
@@ -235,9 +243,7 @@ def run_demo(
         if method == "PatchGD":
             patchgd_batch = batch
         if method == ACCUMULATED and isinstance(model, GDClassifier):
-            model.micro_batch = plan.batch_size
-            batch = max(patchgd_batch or cfg.batch_size, plan.batch_size)
-            note = f"micro-batches of {plan.batch_size}, accumulated to batch {batch}"
+            note = f"micro-batches of {model.micro_batch}, accumulated to batch {batch}"
         say(f"{method:16s} plan: {plan.description}" + (f"; {note}" if note else ""))
         generator = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(train, batch, shuffle=True, drop_last=True, generator=generator)

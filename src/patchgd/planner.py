@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .baselines import DownscaledGDClassifier
+from .baselines import DownscaledGDClassifier, GDClassifier
 from .errors import ConfigError
 from .grid import PatchGrid
 from .memory import MemoryReport, live_training_bytes, measure
@@ -240,6 +240,7 @@ class BaselinePlan:
     budget_bytes: int
     static_bytes: int  # weights, the batch and the optimizer state, live before the step
     step: MemoryReport
+    micro_batch: int | None = None  # images per forward pass, when gradients accumulate
 
     @property
     def peak_bytes(self) -> int:
@@ -247,6 +248,8 @@ class BaselinePlan:
 
     def __str__(self) -> str:
         size = f", input {self.input_size} px" if self.input_size else ""
+        if self.micro_batch is not None:
+            size += f" in micro-batches of {self.micro_batch}"
         return (
             f"{self.method}: batch {self.batch_size}{size}: peak {self.peak_bytes / 2**20:.1f} MiB "
             f"of {self.budget_bytes / 2**20:.1f} MiB budget "
@@ -288,10 +291,15 @@ def plan_gd(
     max_batch: int = 64,
     downscale: bool = False,
     batch: int = 2,
+    accumulate: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> BaselinePlan:
     """The largest batch of full images a GD model fits (``downscale=False``), or, for downscaled
-    GD, the largest input side (multiples of 32) that fits with a batch of ``batch``.
+    GD, the largest input side (multiples of 32) that fits with a batch of ``batch``, or, with
+    ``accumulate``, the largest micro-batch that fits a step on a whole batch of ``batch``.
+
+    Accumulation is planned with the whole batch in memory, as the data loader hands it over:
+    the step forwards micro-batches, but the batch's pixels are live throughout.
 
     ``build()`` returns a fresh model: ``GDClassifier`` / ``GDExtendedClassifier`` for full
     images, or for ``downscale=True`` a callable ``build(size)`` returning the model for inputs
@@ -302,22 +310,32 @@ def plan_gd(
     name = "downscaled GD" if downscale else "GD"
     invalid: set[int] = set()
 
-    def run(model: torch.nn.Module, batch: int, size: int) -> BaselinePlan | None:
+    def run(
+        model: torch.nn.Module, batch: int, size: int, micro: int | None = None
+    ) -> BaselinePlan | None:
+        if micro is not None:
+            model.micro_batch = micro
         try:  # the images are always full size; downscaled GD resizes them itself
             static, report = _measure_step(model, batch, in_chans, (image_size, image_size), device)
         except ConfigError:  # e.g. BatchNorm in the head cannot train on one image
-            invalid.add(batch)
+            invalid.add(micro or batch)
             return None
-        plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report)
+        plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report, micro)
         if log:
             log(
                 f"  tried {name} batch {batch}"
                 + (f", input {size} px" if downscale else "")
+                + (f", micro-batch {micro}" if micro is not None else "")
                 + f": {plan.peak_bytes / 2**20:.1f} MiB"
             )
         return plan if plan.peak_bytes <= budget else None
 
-    if downscale:
+    if accumulate:
+        name = "GD, accumulated"
+        best = _largest(lambda m: run(build(), batch, image_size, m), 1, batch)
+        if best is None and 1 in invalid and batch >= 2:
+            best = _largest(lambda m: run(build(), batch, image_size, m), 2, batch)
+    elif downscale:
         best = _largest(lambda m: run(build(32 * m), batch, 32 * m), 1, max(1, image_size // 32))
     else:
         best = _largest(lambda b: run(build(), b, image_size), 1, max_batch)
@@ -356,7 +374,9 @@ def plan_classifier(
     """Plan any classifier under ``budget``, with ``batch_size`` as the largest batch wanted.
 
     PatchGD: the largest batch, then k and fill chunk (:func:`plan_patchgd`); ``classifier`` is
-    reconfigured in place. GD and GD-extended: the largest batch. Downscaled GD: the largest
+    reconfigured in place. GD and GD-extended: the largest batch. GD with gradient accumulation
+    (``micro_batch`` set): the batch stays ``batch_size`` and the micro-batch becomes the
+    largest that fits, set in place. Downscaled GD: the largest
     input size at ``batch_size``, built by ``rebuild(size)``; the returned classifier is then a
     new one, with the given one's weights where their shapes allow. ``lazy``: PatchGD's images are
     read patch by patch from disk.
@@ -401,6 +421,21 @@ def plan_classifier(
                     resized.load_state_dict(classifier.state_dict())
                 classifier = resized
             changes = {"model.classifier.init_args.input_size": base.input_size}
+            batch = batch_size
+        elif isinstance(classifier, GDClassifier) and classifier.micro_batch is not None:
+            base = plan_gd(
+                lambda: copy.deepcopy(classifier),
+                size,
+                budget,
+                in_chans=in_chans,
+                device=device,
+                batch=batch_size,
+                accumulate=True,
+                log=log,
+            )
+            assert base.micro_batch is not None
+            classifier.micro_batch = base.micro_batch
+            changes = {"model.classifier.init_args.micro_batch": base.micro_batch}
             batch = batch_size
         else:
             base = plan_gd(
