@@ -259,3 +259,31 @@ def test_activation_checkpointing_on_a_backbone_without_it_is_refused_naming_the
 
     with pytest.raises(ConfigError, match="grad_checkpointing"):
         GDClassifier("cspresnet50", 3, 64, grad_checkpointing=True)  # timm: not supported
+
+
+def test_fan_out_init_starts_the_projection_and_head_layer_as_timm_starts_a_mobilenet_classifier():
+    import math
+
+    from patchgd import ConfigError
+
+    kwargs = dict(latent_dim=16, head=HeadConfig(width=16, stride2_layers=0, pool="avg"))
+    torch.manual_seed(0)
+    default = PatchGDClassifier("test_resnet", 3, 64, 32, **kwargs)
+    torch.manual_seed(0)
+    fan_out = PatchGDClassifier("test_resnet", 3, 64, 32, linear_init="fan_out", **kwargs)
+    for layer, reference in ((fan_out.encoder.proj, default.encoder.proj),
+                             (fan_out.head.fc, default.head.fc)):  # fmt: skip
+        bound = 1 / math.sqrt(layer.out_features)
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.abs().max() > 0.9 * bound  # uniform over the whole range
+        assert layer.bias is not None and not layer.bias.any()
+        assert not torch.equal(layer.weight, reference.weight)
+    # Everything else starts the same: the option touches those two layers only.
+    changed = {"encoder.proj.weight", "encoder.proj.bias", "head.fc.weight", "head.fc.bias"}
+    for (name, a), (_, b) in zip(
+        fan_out.state_dict().items(), default.state_dict().items(), strict=True
+    ):
+        if name not in changed and isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="linear_init"):
+        PatchGDClassifier("test_resnet", 3, 64, 32, linear_init="xavier", **kwargs)

@@ -141,7 +141,8 @@ def test_gd_with_accumulation_gets_the_largest_micro_batch_beside_the_whole_batc
     budget, batch, side = 24 * 2**20, 24, 128
     plain = plan_gd(lambda: GDClassifier("test_resnet", 3, side), side, budget)
     assert plain.batch_size < batch  # the whole batch at once does not fit
-    model, plan = plan_classifier(GDClassifier("test_resnet", 3, side, micro_batch=1), budget, batch)
+    accumulating = GDClassifier("test_resnet", 3, side, micro_batch=1)
+    model, plan = plan_classifier(accumulating, budget, batch)
     micro = model.micro_batch
     assert plan.batch_size == batch and 1 <= micro <= plain.batch_size
     assert plan.config_changes == {"model.classifier.init_args.micro_batch": micro}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 from torch import nn
@@ -14,6 +15,23 @@ from .conv import use_stride_safe_convolutions
 from .errors import ConfigError
 
 Pretrained = str | Path | bool | None
+#: How PatchGD's projection to Z and its head's linear layer start: ``"default"``, PyTorch's
+#: (uniform ±1/√fan_in); ``"fan_out"``, uniform ±1/√fan_out with zero bias, as timm starts the
+#: classifiers of MobileNet and EfficientNet (see :func:`fan_out_init`).
+LinearInit = Literal["default", "fan_out"]
+
+
+def fan_out_init(layer: nn.Linear) -> None:
+    """Uniform ±1/√fan_out weights and zero bias: timm's classifier init for MobileNets.
+
+    For a layer that narrows (fan_out < fan_in, e.g. 1 024 pooled features to 32 latent
+    channels) this starts far larger than PyTorch's default, so the backbone's features reach
+    the logits at init as strongly as they do through GD's timm classifier.
+    """
+    bound = 1.0 / math.sqrt(layer.out_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 @lru_cache(maxsize=1)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from .algorithm import InnerLoopConfig
+from .backbones import LinearInit
 from .baselines import DownscaledGDClassifier, GDClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
 from .errors import ConfigError
@@ -63,6 +64,7 @@ class DemoConfig:
     latent_dim: int = 32
     head_layers: int = 0  # stride-2 convolutions on Z; 0: average-pooled Z, one linear layer
     fill_chunk: int = 64
+    linear_init: LinearInit = "default"  # PatchGD's projection and head layer (see backbones)
     accumulated_gd: bool = False  # also checkpointed GD accumulating to PatchGD's batch (slow)
     seed: int = 0
     out: str = "demo"
@@ -120,6 +122,7 @@ def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> Patch
             sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
         ),
         fill_chunk=cfg.fill_chunk,
+        linear_init=cfg.linear_init,
         seed=cfg.seed,
     )
 

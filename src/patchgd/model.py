@@ -21,7 +21,7 @@ from .algorithm import (
     keep_modes,
 )
 from .algorithm import train_step as patchgd_train_step
-from .backbones import Pretrained
+from .backbones import LinearInit, Pretrained, fan_out_init
 from .batchnorm import recalibrating
 from .encoder import PatchEncoder
 from .errors import ConfigError
@@ -115,7 +115,11 @@ class PatchGDClassifier(Classifier):
             (see :func:`patchgd.algorithm.fill_mode`).
         freeze_bn: keep the encoder's BatchNorm in eval mode while training (running
             statistics everywhere, never updated; see :meth:`Classifier.train`). The fill then
-            uses running statistics whatever ``fill_norm`` says.
+            uses running statistics whatever ``fill_norm`` says. With nothing to renormalise
+            them, the encoder's features can shrink until Z no longer tells images apart: give
+            the encoder a lower learning rate (``docs/reproduction.md``).
+        linear_init: how the encoder's projection to Z and the head's last linear layer start
+            (:data:`~patchgd.backbones.LinearInit`).
         seed: seed of the default sampler.
         backbone_kwargs: extra ``timm.create_model`` arguments.
 
@@ -141,6 +145,7 @@ class PatchGDClassifier(Classifier):
         fill_chunk: int | None = None,
         fill_norm: FillNorm = "batch",
         freeze_bn: bool = False,
+        linear_init: LinearInit = "default",
         seed: int = 0,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -157,6 +162,11 @@ class PatchGDClassifier(Classifier):
             backbone, patch_size, latent_dim, in_chans, pretrained, **(backbone_kwargs or {})
         )
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
+        if linear_init == "fan_out":
+            fan_out_init(self.encoder.proj)
+            fan_out_init(self.head.fc)
+        elif linear_init != "default":
+            raise ConfigError(f"linear_init must be 'default' or 'fan_out', got {linear_init!r}")
         self.sampler = sampler or RandomPatchSampler(seed)
         self.freeze_bn = freeze_bn
         self.train(self.training)
