@@ -9,8 +9,6 @@ memory budget and one batch size for every run, so that only the patch size chan
    is the whole-image model with a projection in front of the linear layer).
 2. **The sampling.** The same model trained by PatchGD as the demo trains it (k = 1/8 of the
    grid per inner iteration, half of the grid visited per outer step).
-3. **The start.** Both again with the projection to Z and the head's linear layer started as
-   timm starts GD's MobileNet classifier (``linear_init="fan_out"``).
 
 Validation accuracy after the last epoch, BatchNorm recalibrated on 64 training images, for
 three initialisation seeds; time per epoch beside it. Written to ``docs/finedetail.md``.
@@ -82,10 +80,10 @@ def main() -> None:
     val = DataLoader(materialise(FineDetail("val", cfg.per_class_val, data, seed=cfg.seed)), 8)
     calibration = calibration_batches(train, cfg.calibration_images, BATCH)
 
-    def patch_model(patch: int, exact: bool, init: str = "default") -> Callable[[], Classifier]:
+    def patch_model(patch: int, exact: bool) -> Callable[[], Classifier]:
         # Exact: every patch re-encoded with gradients in one inner iteration; else the demo's.
         loop = InnerLoopConfig(sampling_fraction=1.0, max_visit_fraction=1.0) if exact else None
-        return lambda: patchgd_model(replace(cfg, patch_size=patch, linear_init=init), loop)
+        return lambda: patchgd_model(replace(cfg, patch_size=patch), loop)
 
     runs: dict[str, tuple[str, int | None, Callable[[], Classifier]]] = {
         f"GD on the whole {cfg.canvas_size} px image": (
@@ -105,20 +103,6 @@ def main() -> None:
             "PatchGD",
             patch,
             patch_model(patch, exact=False),
-        )
-    # The projection to Z and the head's linear layer started as timm starts GD's classifier
-    # (linear_init="fan_out"): the one-patch model and the demo's patch by exact GD, and PatchGD.
-    for patch in (patch_sizes[1], cfg.canvas_size):
-        runs[f"patch {patch}: the patch-level model by exact GD, fan-out init"] = (
-            "exact, fan-out",
-            patch,
-            patch_model(patch, exact=True, init="fan_out"),
-        )
-    for patch in patch_sizes:
-        runs[f"patch {patch}: PatchGD as the demo trains it, fan-out init"] = (
-            "PatchGD, fan-out",
-            patch,
-            patch_model(patch, exact=False, init="fan_out"),
         )
 
     scores: dict[str, list[float]] = {}
@@ -171,15 +155,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = {
-        "exact": ("o-", "patch-level model, exact GD"),
-        "PatchGD": ("s--", "PatchGD (demo's sampling)"),
-        "exact, fan-out": ("o:", "exact GD, fan-out init"),
-        "PatchGD, fan-out": ("s:", "PatchGD, fan-out init"),
-    }
-    for kind, (marker, label) in labels.items():
+    for kind, marker in (("exact", "o-"), ("PatchGD", "s--")):
         xs = [runs[n][1] for n in runs if runs[n][0] == kind]
         ys = [statistics.mean(scores[n]) for n in runs if runs[n][0] == kind]
+        label = "patch-level model, exact GD" if kind == "exact" else "PatchGD (demo's sampling)"
         ax.plot(xs, ys, marker, label=label)
     whole = next(n for n in runs if runs[n][0] == "whole image")
     ax.axhline(statistics.mean(scores[whole]), color="black", label="GD, whole image")

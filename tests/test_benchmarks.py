@@ -62,11 +62,12 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     assert "kept" in text
     body = text.split("<!-- bench:reproduction -->")[1].split("<!-- /bench:reproduction -->")[0]
     titles = ("Tables 1 and 2", "recipe", "Head", "BatchNorm", "freeze_bn", "Schedule")
+    assert "frozen, encoder learning rate" in body
     for title in titles + ("Table 4", "Table 5", "latency"):
         assert title in body
     assert (tmp_path / "reproduction.png").stat().st_size > 0
     results = sorted(work.glob("*/result.json"))
-    assert len(results) == 30
+    assert len(results) == 31
     for path in results:
         result = json.loads(path.read_text())
         # Under its budget, measured; tested on a checkpoint chosen by validation accuracy.
@@ -102,3 +103,10 @@ def test_reproduction_quick_mode_runs_every_step_and_writes_the_page(tmp_path):
     assert [path for path in results if path.stat().st_mtime_ns != stamps[path]] == [stale]
     text = study_page.read_text()
     assert "Table 4" in text and "freeze_bn" not in text and "investigations" not in text
+    # --only runs the chosen runs (here cached), prints them, and writes no page.
+    only = [a for a in args if a not in ("--page", str(study_page))]
+    only += ["--only", "frozenlr-patchgd", "--page", str(tmp_path / "only.md")]
+    chosen = subprocess.run(only, capture_output=True, text=True, timeout=600, check=False)
+    assert chosen.returncode == 0, chosen.stdout[-2000:] + chosen.stderr[-2000:]
+    assert "frozenlr-patchgd-tight-s0" in chosen.stderr and "main-gd-tight" not in chosen.stderr
+    assert not (tmp_path / "only.md").exists()
