@@ -307,7 +307,7 @@ def plan_gd(
     """
     budget = parse_size(budget)
     device = torch.device(device)
-    name = "downscaled GD" if downscale else "GD"
+    name = "GD, accumulated" if accumulate else "downscaled GD" if downscale else "GD"
     invalid: set[int] = set()
 
     def run(
@@ -330,18 +330,21 @@ def plan_gd(
             )
         return plan if plan.peak_bytes <= budget else None
 
+    Trial = Callable[[int], BaselinePlan | None]
+
+    def from_smallest(fits: Trial, limit: int) -> BaselinePlan | None:
+        best = _largest(fits, 1, limit)
+        if best is None and 1 in invalid and limit >= 2:
+            # One image cannot train this model (not a memory limit): search from two.
+            best = _largest(fits, 2, limit)
+        return best
+
     if accumulate:
-        name = "GD, accumulated"
-        best = _largest(lambda m: run(build(), batch, image_size, m), 1, batch)
-        if best is None and 1 in invalid and batch >= 2:
-            best = _largest(lambda m: run(build(), batch, image_size, m), 2, batch)
+        best = from_smallest(lambda m: run(build(), batch, image_size, m), batch)
     elif downscale:
         best = _largest(lambda m: run(build(32 * m), batch, 32 * m), 1, max(1, image_size // 32))
     else:
-        best = _largest(lambda b: run(build(), b, image_size), 1, max_batch)
-        if best is None and 1 in invalid and max_batch >= 2:
-            # A batch of one cannot train this model (not a memory limit): search from two.
-            best = _largest(lambda b: run(build(), b, image_size), 2, max_batch)
+        best = from_smallest(lambda b: run(build(), b, image_size), max_batch)
     if best is None:
         raise ConfigError(
             f"memory budget {budget / 2**20:.1f} MiB is too small for {name} at "
@@ -422,22 +425,8 @@ def plan_classifier(
                 classifier = resized
             changes = {"model.classifier.init_args.input_size": base.input_size}
             batch = batch_size
-        elif isinstance(classifier, GDClassifier) and classifier.micro_batch is not None:
-            base = plan_gd(
-                lambda: copy.deepcopy(classifier),
-                size,
-                budget,
-                in_chans=in_chans,
-                device=device,
-                batch=batch_size,
-                accumulate=True,
-                log=log,
-            )
-            assert base.micro_batch is not None
-            classifier.micro_batch = base.micro_batch
-            changes = {"model.classifier.init_args.micro_batch": base.micro_batch}
-            batch = batch_size
         else:
+            accumulate = isinstance(classifier, GDClassifier) and classifier.micro_batch is not None
             base = plan_gd(
                 lambda: copy.deepcopy(classifier),
                 size,
@@ -445,10 +434,16 @@ def plan_classifier(
                 in_chans=in_chans,
                 device=device,
                 max_batch=batch_size,
+                batch=batch_size,
+                accumulate=accumulate,
                 log=log,
             )
-            changes = {"data.init_args.batch_size": base.batch_size}
             batch = base.batch_size
+            if base.micro_batch is not None:
+                classifier.micro_batch = base.micro_batch
+                changes = {"model.classifier.init_args.micro_batch": base.micro_batch}
+            else:
+                changes = {"data.init_args.batch_size": batch}
         peak, text = base.peak_bytes, str(base)
     return classifier, ClassifierPlan(budget, batch, peak, text, changes)
 
