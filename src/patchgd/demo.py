@@ -32,7 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .algorithm import InnerLoopConfig
 from .backbones import LinearInit
-from .baselines import DownscaledGDClassifier, GDClassifier
+from .baselines import DownscaledGDClassifier, GDClassifier, GDExtendedClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
 from .errors import ConfigError
 from .head import HeadConfig
@@ -66,6 +66,9 @@ class DemoConfig:
     fill_chunk: int = 64
     linear_init: LinearInit = "default"  # PatchGD's projection and head layer (see backbones)
     accumulated_gd: bool = False  # also checkpointed GD accumulating to PatchGD's batch (slow)
+    extended_gd: bool = (
+        False  # also GD-extended (PatchGD's head on the feature map), plain and ckpt
+    )
     seed: int = 0
     out: str = "demo"
 
@@ -98,6 +101,17 @@ def task_config(cfg: DemoConfig) -> FineDetailConfig:
     )
 
 
+def patchgd_head(cfg: DemoConfig) -> HeadConfig:
+    """The head on Z: ``head_layers`` stride-2 convolutions, average pooling, one linear layer."""
+    return HeadConfig(
+        width=cfg.latent_dim,
+        stride1_layers=0,
+        stride2_layers=cfg.head_layers,
+        dropout=0.0,
+        pool="avg",
+    )
+
+
 def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> PatchGDClassifier:
     """The demo's PatchGD: ``cfg``'s patches, latent width and head, trained by ``loop``.
 
@@ -110,13 +124,7 @@ def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> Patch
         cfg.patch_size,
         in_chans=1,
         latent_dim=cfg.latent_dim,
-        head=HeadConfig(
-            width=cfg.latent_dim,
-            stride1_layers=0,
-            stride2_layers=cfg.head_layers,
-            dropout=0.0,
-            pool="avg",
-        ),
+        head=patchgd_head(cfg),
         loop=loop
         or InnerLoopConfig(
             sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
@@ -151,6 +159,17 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
             micro_batch=micro_batch,
         )
 
+    def extended(checkpointing: bool) -> Classifier:
+        return GDExtendedClassifier(
+            cfg.backbone,
+            classes,
+            cfg.canvas_size,
+            latent_dim=cfg.latent_dim,
+            head=patchgd_head(cfg),
+            in_chans=1,
+            grad_checkpointing=checkpointing,
+        )
+
     patchgd = seeded(lambda: patchgd_model(cfg))
     methods = {
         "PatchGD": (patchgd, downscaled),
@@ -159,6 +178,9 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
     }
     if cfg.accumulated_gd:
         methods[ACCUMULATED] = (seeded(lambda: gd(True, micro_batch=1)), downscaled)
+    if cfg.extended_gd:
+        methods["GD-extended"] = (seeded(lambda: extended(False)), downscaled)
+        methods["GD-ext., ckpt"] = (seeded(lambda: extended(True)), downscaled)
     methods["GD, downscaled"] = (seeded(lambda: downscaled(cfg.canvas_size)), downscaled)
     return methods
 
