@@ -40,6 +40,24 @@ def test_fill_does_not_depend_on_the_chunk_size(chunk):
     )
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_a_skipped_patch_is_never_encoded_and_the_rest_fill_as_without_skip(chunk):
+    encoder = TinyEncoder().double()
+    seen: list[int] = []
+    encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    grid = PatchGrid((50, 50), 16, 12)  # 4 × 4, overlapping and padded
+    images = torch.randn(3, 3, 50, 50, dtype=torch.float64)
+    skip = torch.rand(3, grid.num_patches, generator=torch.Generator().manual_seed(0)) < 0.4
+    z = fill_z(encoder, images, grid, chunk=chunk, skip=skip)
+    assert sum(seen) == int((~skip).sum()) and max(seen) <= chunk
+    expected = reference_z(encoder, images, grid)
+    kept = (~skip).view(3, 1, grid.rows, grid.cols).expand_as(z)
+    torch.testing.assert_close(z[kept], expected[kept], rtol=1e-10, atol=1e-12)
+    assert (z[~kept] == 0).all()
+    with pytest.raises(ConfigError, match="no patch to encode"):
+        fill_z(encoder, images, grid, skip=torch.ones_like(skip))
+
+
 def test_batchnorm_encoder_in_eval_mode_fills_like_a_per_patch_eval_forward():
     encoder = PatchEncoder("test_resnet", 32, latent_dim=8).double()
     # Make the running statistics non-trivial so that eval and train normalisation differ.

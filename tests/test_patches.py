@@ -39,9 +39,9 @@ class SlicingPatches:
             ]
         )
 
-    def chunks(self, chunk):
+    def chunks(self, chunk, ids=None):
         n = self.grid.num_patches
-        ids = torch.arange(self.batch_size * n)
+        ids = torch.arange(self.batch_size * n) if ids is None else ids
         for part in ids.split(chunk):
             yield part, self.gather(part // n, part % n)
 
@@ -59,6 +59,14 @@ def test_tensor_patches_chunks_cover_every_patch_once_in_balanced_chunks():
         seen += ids.tolist()
     assert sorted(seen) == list(range(3 * grid.num_patches))
     assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 7
+    subset = torch.tensor([1, 2, 5, 8, 13, 21, 34])
+    parts = list(TensorPatches(images, grid).chunks(3, subset))
+    assert [len(ids) for ids, _ in parts] == [3, 2, 2]
+    assert torch.equal(torch.cat([ids for ids, _ in parts]), subset)
+    for ids, patches in parts:
+        for i, patch in zip(ids.tolist(), patches, strict=True):
+            b, (r, c) = i // grid.num_patches, grid.position(i % grid.num_patches)
+            assert torch.equal(patch, full[b, r, c])
 
 
 def test_any_provider_fills_and_trains_like_the_in_memory_batch():
@@ -138,6 +146,12 @@ def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, 
     for (ids, got), (ref_ids, want) in zip(source.chunks(9), expected.chunks(9), strict=True):
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(got, want)
+    subset = torch.tensor([0, 3, 4, 17, 30, 31])  # a fill that skips patches reads only these
+    parts = list(source.chunks(4, subset))
+    assert torch.equal(torch.cat([ids for ids, _ in parts]), subset)
+    n = grid.num_patches
+    for ids, got in parts:
+        torch.testing.assert_close(got, expected.gather(ids // n, ids % n))
     pick_images, pick_positions = torch.tensor([1, 0, 1]), torch.tensor([0, 11, 19])
     torch.testing.assert_close(
         source.gather(pick_images, pick_positions), expected.gather(pick_images, pick_positions)

@@ -166,6 +166,7 @@ def fill_z(
     grid: PatchGrid,
     chunk: int = 256,
     norm: FillNorm = "batch",
+    skip: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 2: encode every patch of every image, without gradients, into Z.
 
@@ -180,20 +181,26 @@ def fill_z(
         grid: the patch geometry.
         chunk: largest number of patches encoded at once (the fill's memory knob).
         norm: how BatchNorm normalises during the fill; see :func:`fill_mode`.
+        skip: optional ``(B, rows·cols)`` boolean mask of patches not to encode, whose entries
+            of Z are left zero: patches the caller overwrites before Z is read. At least one
+            patch must be encoded.
 
     Returns:
         Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
     """
     patches = as_patches(images, grid)
     b = patches.batch_size
+    wanted = None if skip is None else (~skip).flatten().nonzero().squeeze(1)
     z_flat: Tensor | None = None
     with torch.no_grad(), fill_mode(encoder, norm):
-        for ids, part in patches.chunks(chunk):
+        for ids, part in patches.chunks(chunk, wanted):
             emb = encoder(part)
             if z_flat is None:
-                z_flat = emb.new_empty(b * grid.num_patches, emb.shape[1])
+                make = emb.new_empty if skip is None else emb.new_zeros
+                z_flat = make(b * grid.num_patches, emb.shape[1])
             z_flat[ids.to(emb.device)] = emb
-    assert z_flat is not None
+    if z_flat is None:
+        raise ConfigError("fill_z: skip leaves no patch to encode")
     return z_flat.view(b, grid.rows, grid.cols, -1).permute(0, 3, 1, 2).contiguous()
 
 
@@ -302,8 +309,8 @@ def train_step(
     check_plan(plan, batch, n, loop)
 
     optimizer.zero_grad(set_to_none=True)
-    with hooks.autocast():
-        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm)  # Algorithm 2
+    with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
+        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n))
 
     losses: list[Tensor] = []
     out = torch.empty(0)
@@ -336,6 +343,20 @@ def train_step(
         optimizer_steps=loop.optimizer_steps,
         plan=plan,
     )
+
+
+def first_visits(plan: SamplePlan, num_patches: int) -> Tensor | None:
+    """The ``(B, num_patches)`` mask of the patches the first inner iteration re-encodes.
+
+    The fill need not encode them: the first iteration writes their new embeddings into Z before
+    the head reads it. ``None`` when that would leave the fill nothing to encode (the first
+    iteration visits every patch); the fill then encodes all, as Algorithm 2 states.
+    """
+    first = plan[0]
+    mask = torch.zeros(first.shape[0], num_patches, dtype=torch.bool, device=first.device)
+    image_idx, slot = (first >= 0).nonzero(as_tuple=True)
+    mask[image_idx, first[image_idx, slot]] = True
+    return None if bool(mask.all()) else mask
 
 
 def check_plan(plan: SamplePlan, batch: int, num_patches: int, loop: ResolvedLoop) -> None:

@@ -30,24 +30,31 @@ class PatchProvider(Protocol):
         """Patches ``(image_index[i], flat_index[i])`` as ``(n, C, p, p)`` on the compute device."""
         ...
 
-    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every patch of every image exactly once, at most ``chunk`` at a time.
+    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every patch of every image (or only those of ``ids``) once, at most ``chunk`` at a time.
 
-        Yields ``(ids, patches)``: ``ids[i] = image * rows·cols + flat position`` of
-        ``patches[i]``. Chunks are balanced (sizes differ by at most one).
+        A patch's id is ``image * rows·cols + flat position``; ``ids`` is an ascending 1-D
+        tensor of them. Yields ``(ids, patches)`` in that order, ``patches[i]`` being patch
+        ``ids[i]``. Chunks are balanced (sizes differ by at most one).
         """
         ...
 
 
-def balanced_chunks(total: int, chunk: int, device: torch.device | None = None) -> list[Tensor]:
-    """``arange(total)`` split into ``ceil(total / chunk)`` parts whose sizes differ by at most one.
+def balanced_chunks(
+    ids: Tensor | int, chunk: int, device: torch.device | None = None
+) -> list[Tensor]:
+    """``ids`` (or ``arange(ids)``) in ``ceil(len / chunk)`` parts of sizes that differ by ≤ 1.
 
     Balanced parts never leave a lone trailing patch, which BatchNorm with batch statistics
     could not normalise.
     """
     if chunk < 1:
         raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
-    return list(torch.tensor_split(torch.arange(total, device=device), math.ceil(total / chunk)))
+    if isinstance(ids, int):
+        ids = torch.arange(ids, device=device)
+    if not len(ids):
+        return []
+    return list(torch.tensor_split(ids.to(device), math.ceil(len(ids) / chunk)))
 
 
 class TensorPatches:
@@ -69,10 +76,11 @@ class TensorPatches:
         device = self.view.device
         return self.grid.gather(self.view, image_index.to(device), flat_index.to(device))
 
-    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         n = self.grid.num_patches
-        for ids in balanced_chunks(self.batch_size * n, chunk, self.view.device):
-            yield ids, self.grid.gather(self.view, ids // n, ids % n)
+        wanted = self.batch_size * n if ids is None else ids
+        for part in balanced_chunks(wanted, chunk, self.view.device):
+            yield part, self.grid.gather(self.view, part // n, part % n)
 
 
 def as_patches(images: Tensor | PatchProvider, grid: PatchGrid) -> PatchProvider:

@@ -102,9 +102,10 @@ class _RandomPatches:
     def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
         return self._patches(len(flat_index))
 
-    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for ids in balanced_chunks(self._batch * self.grid.num_patches, chunk, self.device):
-            yield ids, self._patches(len(ids))
+    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        wanted = self._batch * self.grid.num_patches if ids is None else ids
+        for part in balanced_chunks(wanted, chunk, self.device):
+            yield part, self._patches(len(part))
 
 
 def measure_training_step(

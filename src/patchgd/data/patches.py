@@ -117,9 +117,9 @@ class SourcePatches:
         patches = self.reader.read_many(image_index.tolist(), flat_index.tolist())
         return self._to_tensor(torch.from_numpy(patches))
 
-    def chunks(self, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
-        total = self.batch_size * self.reader.grid.num_patches
-        dataset = _ChunkDataset(self.reader, balanced_chunks(total, chunk))
+    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        wanted = self.batch_size * self.reader.grid.num_patches if ids is None else ids.cpu()
+        dataset = _ChunkDataset(self.reader, balanced_chunks(wanted, chunk))
         # Its own generator: drawing worker seeds from the global stream would shift dropout.
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, generator=torch.Generator()
