@@ -135,11 +135,10 @@ def mean_sd(values: Sequence[float], digits: int = 2) -> str:
 
 
 def fill_chunk(args: argparse.Namespace) -> int:
-    """The Z-fill chunk a run uses: ``--fill-chunk``, else the library's default for the device."""
-    import torch
-
-    from patchgd.model import DEFAULT_FILL_CHUNK
+    """The Z-fill chunk a run uses: ``--fill-chunk``, else the library's default for the patch
+    size and device."""
+    from patchgd.model import default_fill_chunk
 
     if args.fill_chunk is not None:
         return args.fill_chunk
-    return DEFAULT_FILL_CHUNK.get(torch.device(args.device).type, 256)
+    return default_fill_chunk(args.patch_size, args.device)

@@ -19,6 +19,7 @@ SCRIPTS = {
     "finedetail.py": ("finedetail", "finedetail_residue.png"),
     "patch_size.py": ("patchsize", "finedetail_patch_size.png"),
     "budget_study.py": ("budget-64", "budget_study_64.png"),  # --quick: canvases 64 and 96
+    "step_speed.py": ("step-speed", "step_speed.png"),
 }
 
 

@@ -167,6 +167,7 @@ def fill_z(
     chunk: int = 256,
     norm: FillNorm = "batch",
     skip: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Algorithm 2: encode every patch of every image, without gradients, into Z.
 
@@ -184,6 +185,8 @@ def fill_z(
         skip: optional ``(B, rows·cols)`` boolean mask of patches not to encode, whose entries
             of Z are left zero: patches the caller overwrites before Z is read. At least one
             patch must be encoded.
+        dtype: run the encoder under autocast to this dtype (``torch.bfloat16``) and store Z
+            in float32; ``None`` runs it as the caller's context says.
 
     Returns:
         Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
@@ -194,7 +197,11 @@ def fill_z(
     z_flat: Tensor | None = None
     with torch.no_grad(), fill_mode(encoder, norm):
         for ids, part in patches.chunks(chunk, wanted):
-            emb = encoder(part)
+            if dtype is None:
+                emb = encoder(part)
+            else:
+                with torch.autocast(part.device.type, dtype=dtype):
+                    emb = encoder(part).float()
             if z_flat is None:
                 make = emb.new_empty if skip is None else emb.new_zeros
                 z_flat = make(b * grid.num_patches, emb.shape[1])
@@ -271,6 +278,7 @@ def train_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     fill_chunk: int = 256,
     fill_norm: FillNorm = "batch",
+    fill_dtype: torch.dtype | None = None,
     candidates: Tensor | None = None,
     hooks: StepHooks | None = None,
 ) -> StepResult:
@@ -291,7 +299,8 @@ def train_step(
     patch contributes through one inner iteration, each of which is divided by ε).
 
     The optimizer's gradients are cleared on entry. Set the modules' train/eval modes before
-    calling (normally ``train()``); BatchNorm during the fill follows ``fill_norm``.
+    calling (normally ``train()``); BatchNorm during the fill follows ``fill_norm``, its
+    precision ``fill_dtype`` (see :func:`fill_z`).
     """
     hooks = hooks or StepHooks()
     step = hooks.optimizer_step or plain_optimizer_step(optimizer)
@@ -310,7 +319,7 @@ def train_step(
 
     optimizer.zero_grad(set_to_none=True)
     with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
-        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n))
+        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n), fill_dtype)
 
     losses: list[Tensor] = []
     out = torch.empty(0)
@@ -390,6 +399,7 @@ def infer(
     grid: PatchGrid,
     images: Tensor | PatchProvider,
     fill_chunk: int = 256,
+    fill_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Inference logits: fill Z and run the head once, both in eval mode.
 
@@ -399,7 +409,7 @@ def infer(
     with keep_modes(encoder), keep_modes(head):
         encoder.eval()
         head.eval()
-        return head(fill_z(encoder, images, grid, fill_chunk, "running"))
+        return head(fill_z(encoder, images, grid, fill_chunk, "running", dtype=fill_dtype))
 
 
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,32 @@ from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Patches per encoder call while filling Z, by device type, when ``fill_chunk`` is not given.
-#: On the CPU small chunks are fastest: a chunk's activations then fit the caches and stay below
-#: the allocator's threshold for fresh (page-faulted) memory; ResNet50 fills a 1024 px image
-#: 2× faster in chunks of 2 than of 16 on two cores (docs/benchmarks.md). GPUs want large ones.
-DEFAULT_FILL_CHUNK: dict[str, int] = {"cpu": 4, "cuda": 256}
+#: Pixels per encoder call while filling Z, by device type, when ``fill_chunk`` is not given:
+#: the default chunk is this many pixels' worth of patches (at least one). The time of a call
+#: follows its pixels, not its patch count: on the CPU a call of a few hundred thousand pixels
+#: keeps its activations in the caches and below the allocator's threshold for fresh
+#: (page-faulted) memory, while small patches in small calls leave the cores waiting on per-call
+#: overhead; GPUs want large calls (docs/benchmarks.md, "Fill chunk").
+DEFAULT_FILL_PIXELS: dict[str, int] = {"cpu": 4 * 256**2, "cuda": 256 * 256**2}
+
+
+#: The precision of the Z-fill: a dtype name (``"bfloat16"``, ``"float16"``), or ``None``.
+FillDtype = Literal["bfloat16", "float16"] | None
+
+
+def _fill_dtype(name: FillDtype | torch.dtype) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in ("bfloat16", "float16"):
+        raise ConfigError(f"fill_dtype must be 'bfloat16', 'float16' or None, got {name!r}")
+    return getattr(torch, name)
+
+
+def default_fill_chunk(patch_size: int, device: torch.device | str) -> int:
+    """Patches per fill call on ``device`` when none is given: :data:`DEFAULT_FILL_PIXELS`
+    worth of ``patch_size`` px patches, at least one."""
+    pixels = DEFAULT_FILL_PIXELS.get(torch.device(device).type, DEFAULT_FILL_PIXELS["cuda"])
+    return max(1, pixels // patch_size**2)
 
 
 class Classifier(nn.Module):
@@ -110,9 +131,12 @@ class PatchGDClassifier(Classifier):
         loop: k, ζ, ε and the visit cap (:class:`InnerLoopConfig`).
         sampler: the patch sampler (uniform, per image, by default).
         fill_chunk: most patches encoded at once while filling Z; by default
-            :data:`DEFAULT_FILL_CHUNK` for the encoder's device (small on the CPU, large on CUDA).
+            :func:`default_fill_chunk` for the patch size and the encoder's device.
         fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
             (see :func:`patchgd.algorithm.fill_mode`).
+        fill_dtype: ``"bfloat16"`` runs every Z-fill (training and inference) under bf16
+            autocast, Z kept in float32: the fast path on GPUs and on CPUs with AVX512-BF16 or
+            AMX (docs/benchmarks.md). ``None``: the caller's precision.
         freeze_bn: keep the encoder's BatchNorm in eval mode while training (running
             statistics everywhere, never updated; see :meth:`Classifier.train`). The fill then
             uses running statistics whatever ``fill_norm`` says. With nothing to renormalise
@@ -144,6 +168,7 @@ class PatchGDClassifier(Classifier):
         sampler: PatchSampler | None = None,
         fill_chunk: int | None = None,
         fill_norm: FillNorm = "batch",
+        fill_dtype: FillDtype = None,
         freeze_bn: bool = False,
         linear_init: LinearInit = "default",
         seed: int = 0,
@@ -157,6 +182,7 @@ class PatchGDClassifier(Classifier):
         self.fill_chunk: int | None = None
         self.configure_loop(fill_chunk=fill_chunk)
         self.fill_norm: FillNorm = fill_norm
+        self.fill_dtype = _fill_dtype(fill_dtype)
         self.num_classes = num_classes
         self.encoder = PatchEncoder(
             backbone, patch_size, latent_dim, in_chans, pretrained, **(backbone_kwargs or {})
@@ -192,14 +218,16 @@ class PatchGDClassifier(Classifier):
             return self.fill_chunk
         if device is None:
             device = next(self.encoder.parameters()).device
-        return DEFAULT_FILL_CHUNK.get(torch.device(device).type, 256)
+        return default_fill_chunk(self.grid.patch_size, device)
 
     def fill_z(self, images: Tensor | PatchProvider) -> Tensor:
         """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""
-        return fill_z(self.encoder, images, self.grid, self.chunk_for(), self.fill_norm)
+        return fill_z(
+            self.encoder, images, self.grid, self.chunk_for(), self.fill_norm, dtype=self.fill_dtype
+        )
 
     def forward(self, images: Tensor | PatchProvider) -> Tensor:
-        return infer(self.encoder, self.head, self.grid, images, self.chunk_for())
+        return infer(self.encoder, self.head, self.grid, images, self.chunk_for(), self.fill_dtype)
 
     def training_step(
         self,
@@ -230,6 +258,7 @@ class PatchGDClassifier(Classifier):
             loss_fn=loss_fn,
             fill_chunk=self.chunk_for(),
             fill_norm=self.fill_norm,
+            fill_dtype=self.fill_dtype,
             candidates=candidates,
             hooks=hooks,
         )
@@ -251,7 +280,7 @@ class PatchGDClassifier(Classifier):
             self.encoder.eval()
             with recalibrating(self.head):
                 for images in batches:
-                    self.head(fill_z(self.encoder, images, self.grid, chunk))
+                    self.head(fill_z(self.encoder, images, self.grid, chunk, dtype=self.fill_dtype))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

@@ -8,8 +8,8 @@ budget. The search order follows what matters most:
 
 1. the largest batch B (more images per step is what GD cannot afford);
 2. with k patches per inner iteration and the Z-fill chunk as configured, both halved only when
-   even one image does not fit. The chunk is never enlarged: a larger chunk fills no faster on
-   the CPU (see :data:`patchgd.model.DEFAULT_FILL_CHUNK`).
+   even one image does not fit. The chunk is never enlarged past the default, which is sized
+   for speed (see :func:`patchgd.model.default_fill_chunk`).
 
 With ``lazy=True`` the trial steps take random patches on demand, as a run whose images are read
 patch by patch from disk does: no image is in memory, so only the weights count as static.

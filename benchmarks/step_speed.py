@@ -1,0 +1,332 @@
+"""PatchGD's training step against a straightforward Algorithm 1, in images per second.
+
+The reference is Algorithm 1 as the paper states it, written out here in plain PyTorch: the
+Z-fill image by image (every patch of one image in one encoder call, as the authors' code
+fills), then ζ inner iterations that each re-encode k patches per image (one random permutation
+of the grid per batch, shared by its images) with gradients, write them into a detached Z, run
+the head and step the optimizer every ε iterations. ``patchgd`` runs the same step through
+``PatchGDClassifier.training_step``, at its defaults and with the fast path (bf16 autocast over
+the whole step, and over the fill only). All three start from the same weights, on the same
+random batch, with Adam; repeats are interleaved and the tables give medians.
+
+The configuration is that of the authors' UltraMNIST code: ResNet50, 512 px images, D = 256,
+1/8 of the grid per inner iteration, ζ = ε = every patch once, batch 4, 6 classes, the paper's
+head; the patch size varies (32 px, the authors' grid of 16 × 16, up to 256 px, the paper's
+UltraMNIST setting). A second table sweeps the fill chunk, in pixels per encoder call, for the
+fill alone: the evidence for the library's default (``patchgd.model.DEFAULT_FILL_PIXELS``).
+
+    python benchmarks/step_speed.py           # resnet50 and mobilenetv3_small_050: ~20 min
+    python benchmarks/step_speed.py --quick   # a smoke run (tests)
+    python benchmarks/step_speed.py --device cuda --backbones resnet50 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import (  # noqa: E402
+    add_common_options,
+    command_line,
+    machine_line,
+    markdown_table,
+    output_page,
+    save_figure,
+    write_section,
+)
+from _timing import environment_line, num, progress, timed  # noqa: E402
+
+from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks, fill_z  # noqa: E402
+from patchgd.model import DEFAULT_FILL_PIXELS, default_fill_chunk  # noqa: E402
+
+SECTION, CHUNK_SECTION, FIGURE = "step-speed", "fill-chunk", "step_speed"
+CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
+METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 step")
+LABELS = {
+    "straightforward": "straightforward",
+    "patchgd": "patchgd",
+    "bf16 fill": "patchgd, bf16 fill",
+    "bf16 step": "patchgd, bf16 step",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The reference: Algorithm 1 as the paper states it
+# --------------------------------------------------------------------------------------------
+def straightforward_step(
+    encoder: nn.Module,
+    head: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    patch: int,
+    k: int,
+    inner: int,
+    generator: torch.Generator,
+) -> None:
+    """One outer step: per-image fill, then ``inner`` iterations of ``k`` patches, ε = ζ."""
+    b, c = images.shape[:2]
+    m = images.shape[-1] // patch
+    tiles = images.unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, m, m, p, p)
+    tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b, m * m, c, patch, patch)
+    with torch.no_grad():
+        z = torch.stack([encoder(tiles[i]).T.reshape(-1, m, m) for i in range(b)])
+    optimizer.zero_grad(set_to_none=True)
+    order = torch.randperm(m * m, generator=generator).to(images.device)
+    for j in range(inner):
+        pos = order[j * k : (j + 1) * k]
+        emb = encoder(tiles[:, pos].reshape(-1, c, patch, patch)).view(b, len(pos), -1)
+        z_j = z.clone()
+        z_j[:, :, pos // m, pos % m] = emb.permute(0, 2, 1)
+        (F.cross_entropy(head(z_j), targets) / inner).backward()
+        z = z_j.detach()
+    optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    backbone: str
+    patch: int
+    image: int
+    k: int
+    inner: int
+    chunk: int
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+
+    def rate(self, method: str, batch: int) -> float:
+        return batch / statistics.median(self.seconds[method])
+
+
+def bf16(device: torch.device) -> Callable[[], object]:
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: torch.device) -> Row:
+    torch.manual_seed(0)
+    loop = InnerLoopConfig(sampling_fraction=FRACTION, max_visit_fraction=1.0)
+    model = PatchGDClassifier(
+        backbone, CLASSES, args.image, patch, latent_dim=LATENT, loop=loop
+    ).to(device)
+    reference = copy.deepcopy(model)  # the same weights for the straightforward loop
+    row = Row(
+        backbone, patch, args.image, model.loop.patches_per_step, model.loop.inner_steps,
+        model.chunk_for(),
+    )  # fmt: skip
+    images = torch.randn(args.batch, 3, args.image, args.image, device=device)
+    targets = torch.arange(args.batch, device=device) % CLASSES
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=LR)
+
+    def patchgd(autocast: Callable[[], object] = nullcontext, fill_dtype=None) -> None:
+        model.fill_dtype = fill_dtype
+        model.training_step(images, targets, opt, hooks=StepHooks(autocast=autocast))
+
+    calls: dict[str, Callable[[], None]] = {
+        "straightforward": lambda: straightforward_step(
+            reference.encoder,
+            reference.head,
+            images,
+            targets,
+            ref_opt,
+            patch,
+            row.k,
+            row.inner,
+            generator,
+        ),  # fmt: skip
+        "patchgd": patchgd,
+        "bf16 fill": lambda: patchgd(fill_dtype=torch.bfloat16),
+        "bf16 step": lambda: patchgd(bf16(device)),
+    }
+    model.train(), reference.train()
+    for method in METHODS:  # warm-up: allocator, oneDNN primitives, Adam's state
+        calls[method]()
+    for r in range(args.repeats):
+        for method in METHODS if r % 2 == 0 else reversed(METHODS):
+            row.seconds[method].append(timed(calls[method], device))
+        progress(
+            f"{backbone} patch {patch} repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{m} {row.seconds[m][-1]:.2f} s" for m in METHODS)
+        )
+    return row
+
+
+def chunk_sweep(
+    backbone: str, patch: int, pixels: list[int], args: argparse.Namespace, device: torch.device
+) -> dict[int, float]:
+    """Images per second of the fill alone (training mode, batch statistics) per pixel budget."""
+    torch.manual_seed(0)
+    model = PatchGDClassifier(backbone, CLASSES, args.image, patch, latent_dim=LATENT).to(device)
+    images = torch.randn(args.batch, 3, args.image, args.image, device=device)
+    model.train()
+    chunks = {px: max(1, px // patch**2) for px in pixels}
+    seconds: dict[int, list[float]] = {px: [] for px in pixels}
+    for px in pixels:  # warm-up
+        fill_z(model.encoder, images, model.grid, chunks[px])
+    for r in range(args.repeats):
+        for px in pixels if r % 2 == 0 else reversed(pixels):
+            seconds[px].append(
+                timed(lambda c=chunks[px]: fill_z(model.encoder, images, model.grid, c), device)
+            )
+    progress(f"{backbone} patch {patch} fill sweep done")
+    return {px: args.batch / statistics.median(s) for px, s in seconds.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], args) -> None:
+    page = output_page(args)
+    device = torch.device(args.device)
+    steps = [
+        [
+            f"`{r.backbone}`",
+            r.patch,
+            f"{r.image // r.patch}²",
+            f"{r.k} × {r.inner}",
+            r.chunk,
+            num(r.rate("straightforward", args.batch)),
+            *(
+                f"{num(r.rate(m, args.batch))} ({r.rate(m, args.batch) / r.rate('straightforward', args.batch):.2f}×)"  # noqa: E501
+                for m in METHODS[1:]
+            ),
+        ]  # fmt: skip
+        for r in rows
+    ]
+    table = markdown_table(
+        ["backbone", "patch px", "grid", "k × ζ", "fill chunk", *(LABELS[m] for m in METHODS)],
+        steps,
+    )
+    print(table)
+    pixels = sorted({px for sweep in sweeps.values() for px in sweep})
+    sweep_table = markdown_table(
+        ["backbone", "patch px", *(f"{px:,} px" for px in pixels), "default"],
+        [
+            [
+                f"`{b}`",
+                p,
+                *(num(sweep[px]) for px in pixels),
+                f"{default_fill_chunk(p, device):,} patches",
+            ]  # fmt: skip
+            for (b, p), sweep in sweeps.items()
+        ],
+    )
+    print(sweep_table)
+    if page is None:
+        return
+    head = "\n".join(
+        [
+            f"Command: `{command_line()}`",
+            "",
+            machine_line(args.device),
+            environment_line(),
+        ]
+    )
+    text = "\n".join(
+        [
+            head,
+            "",
+            f"### One training step, images per second ({args.image} px, batch {args.batch}, "
+            f"D = {LATENT}, k = 1/8 of the grid, ζ = ε = every patch once, Adam, the paper's "
+            f"head; median of {args.repeats} interleaved repeats)",
+            "",
+            "In brackets: the ratio to the straightforward loop, measured side by side. "
+            "*straightforward*: Algorithm 1 as the paper states it, written in the benchmark "
+            "(per-image fill). *patchgd*: `PatchGDClassifier.training_step` at its defaults "
+            "(fill chunk as shown, the fill skipping the first inner iteration's patches). "
+            "*bf16 fill*: the same with `fill_dtype='bfloat16'` (the fill under bf16 autocast; "
+            "Z and the inner iterations in fp32). "
+            "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`).",
+            "",
+            table,
+        ]
+    )
+    chunk_text = "\n".join(
+        [
+            head,
+            "",
+            f"### The fill alone, images per second, by pixels per encoder call ({args.image} px, "
+            f"batch {args.batch}, training mode, median of {args.repeats} interleaved repeats)",
+            "",
+            "A call of N pixels encodes N / patch² patches (at least one). The library's default "
+            f"is {DEFAULT_FILL_PIXELS.get(device.type, 0):,} px per call on {device.type}.",
+            "",
+            sweep_table,
+        ]
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = sorted({r.backbone for r in rows})
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 3.6), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones, strict=True):
+        mine = [r for r in rows if r.backbone == backbone]
+        for method in METHODS:
+            ax.plot(
+                [r.patch for r in mine],
+                [r.rate(method, args.batch) for r in mine],
+                marker="o",
+                label=LABELS[method],
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("patch px")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{backbone}, {args.image} px, batch {args.batch}, {args.device}")
+        ax.legend(fontsize=8)
+    figure = save_figure(fig, FIGURE, page)
+    write_section(SECTION, text + f"\n\n![images per second]({figure.name})", page)
+    write_section(CHUNK_SECTION, chunk_text, page)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_options(parser)
+    parser.add_argument("--backbones", nargs="+", help="timm names (default resnet50 and a small)")
+    parser.add_argument("--patches", type=int, nargs="+", help="patch sides (default 32–256)")
+    parser.add_argument("--image", type=int, help="image side (default 512)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, help="timed steps per method (default 5)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    args.backbones = args.backbones or (
+        ["test_resnet"] if quick else ["resnet50", "mobilenetv3_small_050"]
+    )
+    args.patches = args.patches or ([16, 32] if quick else [32, 64, 128, 256])
+    args.image = args.image or (64 if quick else 512)
+    args.repeats = args.repeats or (1 if quick else 5)
+    device = torch.device(args.device)
+    base = DEFAULT_FILL_PIXELS.get(device.type, DEFAULT_FILL_PIXELS["cuda"])
+    pixels = sorted({base // 16, base // 4, base, base * 4})
+    rows, sweeps = [], {}
+    for backbone in args.backbones:
+        for patch in args.patches:
+            rows.append(measure_row(backbone, patch, args, device))
+            sweeps[(backbone, patch)] = chunk_sweep(
+                backbone, patch, [px for px in pixels if px >= patch**2 or px == pixels[0]],
+                args, device,
+            )  # fmt: skip
+    report(rows, sweeps, args)
+
+
+if __name__ == "__main__":
+    main()
