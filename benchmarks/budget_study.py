@@ -83,9 +83,23 @@ def main() -> None:
     parser.add_argument(
         "--canvas", type=int, action="append", help="run only this canvas (repeatable)"
     )
+    parser.add_argument(
+        "--z-reuse",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="R",
+        help="also PatchGD filling each image's Z once every R epochs (Z reuse)",
+    )
+    parser.add_argument(
+        "--patchgd-only",
+        action="store_true",
+        help="no baselines; the section is zreuse-<canvas> (with --z-reuse: its cost and gain)",
+    )
     args = parser.parse_args()
     page = output_page(args, DOCS / "reproduction.md")
-    base = DemoConfig(accumulated_gd=True, extended_gd=True)
+    base = DemoConfig(accumulated_gd=True, extended_gd=True, baselines=not args.patchgd_only)
+    suffix = "-zreuse" if args.patchgd_only else ""
     settings = [Setting(1024, "192MiB", (0, 1, 2)), Setting(2048, "512MiB", (0,))]
     per_class_test = args.per_class_test
     if args.quick:
@@ -106,6 +120,7 @@ def main() -> None:
 
     def publish(setting: Setting) -> None:
         """One canvas's section and plot (``budget-<canvas>``), written when it is done."""
+        name = f"budget-{setting.canvas}{suffix}"
         table = []
         for (canvas, method), runs in rows_by.items():
             if canvas != setting.canvas:
@@ -176,9 +191,9 @@ def main() -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"FineDetail, {setting.canvas} px under {setting.budget}")
         ax.legend(fontsize=8)
-        figure = save_figure(fig, f"budget_study_{setting.canvas}", page)
+        figure = save_figure(fig, name.replace("budget-", "budget_study_").replace("-", "_"), page)
         text += f"\n\n![test accuracy under the budget]({figure.name})"
-        write_section(f"budget-{setting.canvas}", text, page)
+        write_section(name, text, page)
 
     with tempfile.TemporaryDirectory() as scratch:
         for setting in settings:
@@ -190,6 +205,13 @@ def main() -> None:
                     out=scratch,
                 )
                 results, models, _ = run_demo(cfg, log=False)
+                for r in args.z_reuse:
+                    more, more_models, _ = run_demo(
+                        replace(cfg, baselines=False, z_refresh_every=r), log=False
+                    )
+                    label = f"PatchGD, Z every {r} epochs"
+                    results += [replace(m, method=label) for m in more]
+                    models[label] = more_models["PatchGD"]
                 data = task_config(cfg)
                 chance = 1 / data.num_classes
                 test = materialise(FineDetail("test", per_class_test, data, seed=seed))

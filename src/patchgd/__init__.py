@@ -7,7 +7,8 @@ The public API:
   :class:`DownscaledGDClassifier`, with the same ``training_step``;
 - the pieces, for your own loop: :class:`PatchGrid`, :class:`PatchEncoder`, :class:`LatentHead`,
   :func:`fill_z` (Algorithm 2), :func:`train_step` (Algorithm 1), :class:`InnerLoopConfig`,
-  :class:`PatchSampler`, :class:`RandomPatchSampler`, :class:`StepHooks`.
+  :class:`PatchSampler`, :class:`RandomPatchSampler`, :class:`StepHooks`, :class:`LatentCache`
+  (Z reuse).
 """
 
 from importlib import import_module
@@ -39,6 +40,7 @@ _EXPORTS = {
     "encoder": ["PatchEncoder"],
     "grid": ["PatchGrid"],
     "head": ["HeadConfig", "LatentHead"],
+    "latent_cache": ["LatentCache"],
     "memory": ["MemoryReport", "measure"],
     "model": ["Classifier", "PatchGDClassifier"],
     "patches": ["PatchProvider", "TensorPatches", "as_patches"],
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from .encoder import PatchEncoder
     from .grid import PatchGrid
     from .head import HeadConfig, LatentHead
+    from .latent_cache import LatentCache
     from .memory import MemoryReport, measure
     from .model import Classifier, PatchGDClassifier
     from .patches import PatchProvider, TensorPatches, as_patches

@@ -252,12 +252,15 @@ class StepResult:
         logits: detached logits of the last inner iteration, for training metrics.
         optimizer_steps: how many times the optimizer stepped (ceil(ζ / ε)).
         plan: the sampled positions, one ``(B, k_j)`` tensor per inner iteration (-1 = none).
+        z: Z after the step, detached: the fill's embeddings, and the newest embedding of every
+            patch the step re-encoded (what :class:`~patchgd.latent_cache.LatentCache` keeps).
     """
 
     losses: list[float]
     logits: Tensor
     optimizer_steps: int
     plan: SamplePlan
+    z: Tensor | None = None
 
     @property
     def loss(self) -> float:
@@ -281,6 +284,7 @@ def train_step(
     fill_dtype: torch.dtype | None = None,
     candidates: Tensor | None = None,
     hooks: StepHooks | None = None,
+    z: Tensor | None = None,
 ) -> StepResult:
     """Algorithm 1: one PatchGD iteration on a batch, with ceil(ζ/ε) optimizer steps.
 
@@ -300,7 +304,9 @@ def train_step(
 
     The optimizer's gradients are cleared on entry. Set the modules' train/eval modes before
     calling (normally ``train()``); BatchNorm during the fill follows ``fill_norm``, its
-    precision ``fill_dtype`` (see :func:`fill_z`).
+    precision ``fill_dtype`` (see :func:`fill_z`). A given ``z`` (``(B, D, rows, cols)``, e.g.
+    the Z a previous step on these images left, :attr:`StepResult.z`) replaces step 1: the step
+    starts from a copy of it and fills nothing.
     """
     hooks = hooks or StepHooks()
     step = hooks.optimizer_step or plain_optimizer_step(optimizer)
@@ -318,8 +324,17 @@ def train_step(
     check_plan(plan, batch, n, loop)
 
     optimizer.zero_grad(set_to_none=True)
-    with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
-        z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n), fill_dtype)
+    if z is not None:  # Z reuse: the caller's Z, never written in place
+        if z.shape[0] != batch or z.shape[2:] != grid.shape:
+            raise ConfigError(
+                f"z has shape {tuple(z.shape)}, expected (B={batch}, D, {grid.shape})"
+            )
+        z = z.detach().clone()
+    else:
+        with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
+            z = fill_z(
+                encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n), fill_dtype
+            )
 
     losses: list[Tensor] = []
     out = torch.empty(0)
@@ -351,6 +366,7 @@ def train_step(
         logits=out.detach(),
         optimizer_steps=loop.optimizer_steps,
         plan=plan,
+        z=z,
     )
 
 

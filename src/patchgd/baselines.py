@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -99,8 +100,10 @@ class GDClassifier(Classifier):
         *,
         loss_fn: LossFn = F.cross_entropy,
         hooks: StepHooks | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> StepResult:
-        """One gradient-descent step on the batch, with the same hooks as PatchGD's step."""
+        """One gradient-descent step on the batch, with the same hooks as PatchGD's step.
+        ``keys`` are ignored: GD keeps nothing per image."""
         return gd_train_step(
             self,
             images,

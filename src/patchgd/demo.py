@@ -65,6 +65,8 @@ class DemoConfig:
     head_layers: int = 0  # stride-2 convolutions on Z; 0: average-pooled Z, one linear layer
     fill_chunk: int = 64
     linear_init: LinearInit = "default"  # PatchGD's projection and head layer (see backbones)
+    z_refresh_every: int = 1  # PatchGD's Z reuse: fill each image's Z on one epoch in this many
+    baselines: bool = True  # false: PatchGD alone
     accumulated_gd: bool = False  # also checkpointed GD accumulating to PatchGD's batch (slow)
     extended_gd: bool = (
         False  # also GD-extended (PatchGD's head on the feature map), plain and ckpt
@@ -131,6 +133,7 @@ def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> Patch
         ),
         fill_chunk=cfg.fill_chunk,
         linear_init=cfg.linear_init,
+        z_refresh_every=cfg.z_refresh_every,
         seed=cfg.seed,
     )
 
@@ -171,6 +174,8 @@ def build_models(cfg: DemoConfig) -> dict[str, tuple[Classifier, Callable[[int],
         )
 
     patchgd = seeded(lambda: patchgd_model(cfg))
+    if not cfg.baselines:
+        return {"PatchGD": (patchgd, downscaled)}
     methods = {
         "PatchGD": (patchgd, downscaled),
         "GD": (seeded(lambda: gd(False)), downscaled),
@@ -225,9 +230,13 @@ def materialise(dataset: FineDetail) -> TensorDataset:
 
 
 def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
-    """One training epoch of any classifier; the mean loss."""
+    """One training epoch of any classifier; the mean loss. A loader of ``(images, targets,
+    indices)`` names each image by its index (PatchGD's Z reuse keeps Z by it)."""
     model.train()
-    losses = [model.training_step(x, y, optimizer).loss for x, y in loader]
+    losses = [
+        model.training_step(x, y, optimizer, keys=rest[0].tolist() if rest else None).loss
+        for x, y, *rest in loader
+    ]
     return sum(losses) / len(losses)
 
 
@@ -271,7 +280,8 @@ def run_demo(
             note = f"micro-batches of {model.micro_batch}, accumulated to batch {batch}"
         say(f"{method:16s} plan: {plan.description}" + (f"; {note}" if note else ""))
         generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(train, batch, shuffle=True, drop_last=True, generator=generator)
+        keyed = TensorDataset(*train.tensors, torch.arange(len(train)))  # indices: Z reuse's keys
+        loader = DataLoader(keyed, batch, shuffle=True, drop_last=True, generator=generator)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         calibration = calibration_batches(train, cfg.calibration_images, batch)
         losses, seconds, curve = [], [], []

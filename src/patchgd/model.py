@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,7 @@ from .encoder import PatchEncoder
 from .errors import ConfigError
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig
+from .latent_cache import LatentCache
 from .patches import PatchProvider, as_patches
 from .sampler import PatchSampler, RandomPatchSampler
 
@@ -96,7 +97,10 @@ class Classifier(nn.Module):
         *,
         loss_fn: LossFn = F.cross_entropy,
         hooks: StepHooks | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> StepResult:
+        """One training step on a batch. ``keys`` name its images (e.g. their indices in the
+        data set), for models that keep state per image (PatchGD's Z reuse); others ignore them."""
         raise NotImplementedError
 
     def recalibrate_batchnorm(self, batches: Sequence[Tensor]) -> None:
@@ -144,6 +148,10 @@ class PatchGDClassifier(Classifier):
             the encoder a lower learning rate (``docs/reproduction.md``).
         linear_init: how the encoder's projection to Z and the head's last linear layer start
             (:data:`~patchgd.backbones.LinearInit`).
+        z_refresh_every: Z reuse: fill an image's Z on one visit in this many, and otherwise
+            start from the Z its previous visit left (:class:`~patchgd.latent_cache.
+            LatentCache`; 1, the default, fills at every step as the paper). Needs the images'
+            ``keys`` in :meth:`training_step`.
         seed: seed of the default sampler.
         backbone_kwargs: extra ``timm.create_model`` arguments.
 
@@ -171,6 +179,7 @@ class PatchGDClassifier(Classifier):
         fill_dtype: FillDtype = None,
         freeze_bn: bool = False,
         linear_init: LinearInit = "default",
+        z_refresh_every: int = 1,
         seed: int = 0,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -194,6 +203,7 @@ class PatchGDClassifier(Classifier):
         elif linear_init != "default":
             raise ConfigError(f"linear_init must be 'default' or 'fan_out', got {linear_init!r}")
         self.sampler = sampler or RandomPatchSampler(seed)
+        self.latent_cache = LatentCache(z_refresh_every)
         self.freeze_bn = freeze_bn
         self.train(self.training)
 
@@ -238,15 +248,20 @@ class PatchGDClassifier(Classifier):
         loss_fn: LossFn = F.cross_entropy,
         hooks: StepHooks | None = None,
         candidates: Tensor | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> StepResult:
         """One outer step of Algorithm 1 on a batch; see :func:`patchgd.algorithm.train_step`.
 
         ``images`` is a ``(B, C, H, W)`` batch or a
         :class:`~patchgd.patches.PatchProvider` (images read lazily from disk).
         ``candidates`` optionally restricts, per image, the positions the sampler may pick
-        (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches).
+        (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches). ``keys`` name the images
+        (e.g. their indices in the data set) for Z reuse (``z_refresh_every``).
         """
-        return patchgd_train_step(
+        cached = None if keys is None else self.latent_cache.lookup(keys)
+        if cached is not None:
+            cached = cached.to(next(self.head.parameters()).device)
+        result = patchgd_train_step(
             self.encoder,
             self.head,
             self.grid,
@@ -261,7 +276,11 @@ class PatchGDClassifier(Classifier):
             fill_dtype=self.fill_dtype,
             candidates=candidates,
             hooks=hooks,
+            z=cached,
         )
+        if keys is not None and result.z is not None:
+            self.latent_cache.store(keys, result.z, filled=cached is None)
+        return result
 
     def recalibrate_batchnorm(self, batches: Sequence[Tensor | PatchProvider]) -> None:
         """As :meth:`Classifier.recalibrate_batchnorm`, in the order inference uses the layers.

@@ -1,0 +1,157 @@
+"""Z reuse: a step started from a kept Z, and the cache that decides when to refill."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from patchgd import (
+    ConfigError,
+    HeadConfig,
+    InnerLoopConfig,
+    LatentCache,
+    PatchGDClassifier,
+    PatchGrid,
+    RandomPatchSampler,
+    fill_z,
+    train_step,
+)
+from patchgd.head import LatentHead
+from reference import TinyEncoder
+
+GRID = PatchGrid(48, 16)  # 3 × 3
+
+
+def _step(encoder, head, images, z=None, seed=1):
+    return train_step(
+        encoder,
+        head,
+        GRID,
+        images,
+        torch.tensor([0, 2]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.5),
+        InnerLoopConfig(patches_per_step=2, max_visit_fraction=0.5),
+        RandomPatchSampler(seed),
+        z=z,
+    )
+
+
+def _modules():
+    torch.manual_seed(0)
+    encoder = TinyEncoder(latent_dim=4).double()
+    head = LatentHead(4, 3, GRID.shape, width=16, norm="none", dropout=0.0).double()
+    return encoder, head
+
+
+def test_a_step_given_its_own_fill_equals_the_step_that_fills():
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    filling = _modules()
+    given = copy.deepcopy(filling)
+    z = fill_z(given[0], images, GRID)
+    a, b = _step(*filling, images), _step(*given, images, z=z.clone())
+    assert a.losses == b.losses
+    torch.testing.assert_close(a.z, b.z, rtol=0, atol=0)
+    for p, q in zip(filling[0].parameters(), given[0].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_step_returns_z_with_the_newest_embedding_of_every_patch_it_re_encoded():
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    encoder, head = _modules()
+    start = fill_z(encoder, images, GRID)
+    given = start.clone()
+    calls: list[torch.Tensor] = []
+    encoder.register_forward_hook(lambda m, args, out: calls.append(out.detach().clone()))
+    result = _step(encoder, head, images, z=given)
+    assert torch.equal(given, start)  # the caller's Z is never written
+    expected = start.clone()
+    for positions, emb in zip(result.plan, calls, strict=True):  # no fill: one call per iteration
+        image_idx, slot = (positions >= 0).nonzero(as_tuple=True)
+        pos = positions[image_idx, slot]
+        expected[image_idx, :, pos // 3, pos % 3] = emb
+    torch.testing.assert_close(result.z, expected, rtol=0, atol=0)
+    assert not torch.equal(result.z, start)
+
+
+def test_a_z_of_the_wrong_shape_is_refused():
+    encoder, head = _modules()
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="z has shape"):
+        _step(encoder, head, images, z=torch.zeros(2, 4, 2, 3, dtype=torch.float64))
+
+
+def _model(refresh: int) -> PatchGDClassifier:
+    torch.manual_seed(0)
+    return PatchGDClassifier(
+        "test_efficientnet_gn",
+        3,
+        64,
+        16,
+        latent_dim=8,
+        in_chans=1,
+        head=HeadConfig(width=8, stride1_layers=0, stride2_layers=1, dropout=0.0, norm="none"),
+        loop=InnerLoopConfig(patches_per_step=4, max_visit_fraction=0.5),
+        z_refresh_every=refresh,
+    )
+
+
+def _fills(model: PatchGDClassifier) -> list[int]:
+    """Counts the fill's encoder calls (those without autograd), one entry per step."""
+    counts: list[int] = []
+    model.encoder.register_forward_hook(
+        lambda m, args, out: counts.append(int(not torch.is_grad_enabled()))
+    )
+    return counts
+
+
+def test_the_cache_fills_an_image_once_every_r_visits_and_otherwise_starts_from_its_last_z():
+    model = _model(refresh=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, targets = torch.randn(2, 1, 64, 64), torch.tensor([0, 1])
+    calls = _fills(model)
+    seen: list[torch.Tensor] = []
+    model.head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    filled, previous = [], None
+    for visit in range(7):
+        calls.clear(), seen.clear()
+        result = model.training_step(images, targets, optimizer, keys=["a", "b"])
+        filled.append(sum(calls) > 0)
+        if not filled[-1]:
+            # The first inner iteration's Z: the previous step's Z, but for the patches it
+            # re-encodes.
+            first = result.plan[0]
+            untouched = torch.ones(2, 16, dtype=torch.bool)
+            image_idx, slot = (first >= 0).nonzero(as_tuple=True)
+            untouched[image_idx, first[image_idx, slot]] = False
+            keep = untouched.view(2, 1, 4, 4).expand_as(previous)
+            assert torch.equal(seen[0][keep], previous[keep]), f"visit {visit}"
+        previous = result.z
+    assert filled == [True, False, False, True, False, False, True]
+    assert len(model.latent_cache) == 2
+    assert model.latent_cache.nbytes == 2 * 8 * 16 * 4
+
+
+def test_a_batch_with_a_new_image_or_without_keys_is_filled_whole():
+    model = _model(refresh=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, targets = torch.randn(2, 1, 64, 64), torch.tensor([0, 1])
+    calls = _fills(model)
+    steps = [["a", "b"], ["a", "b"], ["a", "c"], None, ["a", "c"]]
+    filled = []
+    for keys in steps:
+        calls.clear()
+        model.training_step(images, targets, optimizer, keys=keys)
+        filled.append(sum(calls) > 0)
+    assert filled == [True, False, True, True, False]
+
+
+def test_refresh_every_one_keeps_nothing_and_bad_values_are_refused():
+    model = _model(refresh=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.training_step(torch.randn(2, 1, 64, 64), torch.tensor([0, 1]), optimizer, keys=[1, 2])
+    assert len(model.latent_cache) == 0
+    for bad in (0, -1, True):
+        with pytest.raises(ConfigError, match="z_refresh_every"):
+            LatentCache(bad)
