@@ -53,11 +53,12 @@ from patchgd.model import DEFAULT_FILL_PIXELS, default_fill_chunk  # noqa: E402
 
 SECTION, CHUNK_SECTION, FIGURE = "step-speed", "fill-chunk", "step_speed"
 CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
-METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 step")
+METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 fill, CL", "bf16 step")
 LABELS = {
     "straightforward": "straightforward",
     "patchgd": "patchgd",
     "bf16 fill": "patchgd, bf16 fill",
+    "bf16 fill, CL": "patchgd, bf16 fill, channels-last",
     "bf16 step": "patchgd, bf16 step",
 }
 
@@ -123,6 +124,8 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
         backbone, CLASSES, args.image, patch, latent_dim=LATENT, loop=loop
     ).to(device)
     reference = copy.deepcopy(model)  # the same weights for the straightforward loop
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    last.fill_dtype = torch.bfloat16
     row = Row(
         backbone, patch, args.image, model.loop.patches_per_step, model.loop.inner_steps,
         model.chunk_for(),
@@ -132,6 +135,8 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     generator = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=LR)
+    last_opt = torch.optim.Adam(last.parameters(), lr=LR)
+    last_images = images.contiguous(memory_format=torch.channels_last)
 
     def patchgd(autocast: Callable[[], object] = nullcontext, fill_dtype=None) -> None:
         model.fill_dtype = fill_dtype
@@ -151,9 +156,10 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
         ),  # fmt: skip
         "patchgd": patchgd,
         "bf16 fill": lambda: patchgd(fill_dtype=torch.bfloat16),
+        "bf16 fill, CL": lambda: last.training_step(last_images, targets, last_opt),
         "bf16 step": lambda: patchgd(bf16(device)),
     }
-    model.train(), reference.train()
+    model.train(), reference.train(), last.train()
     for method in METHODS:  # warm-up: allocator, oneDNN primitives, Adam's state
         calls[method]()
     for r in range(args.repeats):
@@ -220,7 +226,10 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             [
                 f"`{b}`",
                 p,
-                *(num(sweep[px]) for px in pixels),
+                *(
+                    f"{num(sweep[px])} ({max(1, px // p**2)})" if px in sweep else "–"
+                    for px in pixels
+                ),
                 f"{default_fill_chunk(p, device):,} patches",
             ]  # fmt: skip
             for (b, p), sweep in sweeps.items()
@@ -250,7 +259,8 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             "(per-image fill). *patchgd*: `PatchGDClassifier.training_step` at its defaults "
             "(fill chunk as shown, the fill skipping the first inner iteration's patches). "
             "*bf16 fill*: the same with `fill_dtype='bfloat16'` (the fill under bf16 autocast; "
-            "Z and the inner iterations in fp32). "
+            "Z and the inner iterations in fp32). *channels-last*: the same, with the model and "
+            "the batch in channels-last memory format. "
             "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`).",
             "",
             table,
@@ -263,7 +273,8 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             f"### The fill alone, images per second, by pixels per encoder call ({args.image} px, "
             f"batch {args.batch}, training mode, median of {args.repeats} interleaved repeats)",
             "",
-            "A call of N pixels encodes N / patch² patches (at least one). The library's default "
+            "A call of N pixels encodes N / patch² patches (at least one; in brackets). The "
+            "library's default "
             f"is {DEFAULT_FILL_PIXELS.get(device.type, 0):,} px per call on {device.type}.",
             "",
             sweep_table,
@@ -321,10 +332,10 @@ def main() -> None:
     for backbone in args.backbones:
         for patch in args.patches:
             rows.append(measure_row(backbone, patch, args, device))
+            by_chunk = {max(1, px // patch**2): px for px in reversed(pixels)}  # one per chunk
             sweeps[(backbone, patch)] = chunk_sweep(
-                backbone, patch, [px for px in pixels if px >= patch**2 or px == pixels[0]],
-                args, device,
-            )  # fmt: skip
+                backbone, patch, sorted(by_chunk.values()), args, device
+            )
     report(rows, sweeps, args)
 
 
