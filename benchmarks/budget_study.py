@@ -16,8 +16,8 @@ the demo's epochs (:func:`patchgd.demo.run_demo`); the last epoch's model is sco
 split, which nothing else sees (no checkpoint is chosen). Results go to
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
-    python benchmarks/budget_study.py --canvas 1024   # 27 minutes on two cores
-    python benchmarks/budget_study.py                 # and the 2048 px row, 49 minutes more
+    python benchmarks/budget_study.py --canvas 1024   # 37 minutes on two cores
+    python benchmarks/budget_study.py                 # and the 2048 px row, 50 minutes more
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
 Each canvas has its own section of the page (``budget-1024``, ``budget-2048``), written as soon
