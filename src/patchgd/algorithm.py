@@ -194,14 +194,15 @@ def fill_z(
     patches = as_patches(images, grid)
     b = patches.batch_size
     wanted = None if skip is None else (~skip).flatten().nonzero().squeeze(1)
+    # One autocast region for the whole fill: the weights are cast once, not once per chunk.
+    device = next(encoder.parameters()).device
+    cast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
     z_flat: Tensor | None = None
-    with torch.no_grad(), fill_mode(encoder, norm):
+    with torch.no_grad(), fill_mode(encoder, norm), cast:
         for ids, part in patches.chunks(chunk, wanted):
-            if dtype is None:
-                emb = encoder(part)
-            else:
-                with torch.autocast(part.device.type, dtype=dtype):
-                    emb = encoder(part).float()
+            emb = encoder(part)
+            if dtype is not None:
+                emb = emb.float()
             if z_flat is None:
                 make = emb.new_empty if skip is None else emb.new_zeros
                 z_flat = make(b * grid.num_patches, emb.shape[1])
