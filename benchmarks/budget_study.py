@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument(
         "--patchgd-only",
         action="store_true",
-        help="no baselines; the section is zreuse-<canvas> (with --z-reuse: its cost and gain)",
+        help="no baselines; writes the section budget-<canvas>-zreuse (with --z-reuse)",
     )
     args = parser.parse_args()
     page = output_page(args, DOCS / "reproduction.md")

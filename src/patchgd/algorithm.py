@@ -195,8 +195,11 @@ def fill_z(
     b = patches.batch_size
     wanted = None if skip is None else (~skip).flatten().nonzero().squeeze(1)
     # One autocast region for the whole fill: the weights are cast once, not once per chunk.
-    device = next(encoder.parameters()).device
-    cast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    cast = (
+        nullcontext()
+        if dtype is None
+        else torch.autocast(next(encoder.parameters()).device.type, dtype=dtype)
+    )
     z_flat: Tensor | None = None
     with torch.no_grad(), fill_mode(encoder, norm), cast:
         for ids, part in patches.chunks(chunk, wanted):

@@ -68,9 +68,7 @@ class DemoConfig:
     z_refresh_every: int = 1  # PatchGD's Z reuse: fill each image's Z on one epoch in this many
     baselines: bool = True  # false: PatchGD alone
     accumulated_gd: bool = False  # also checkpointed GD accumulating to PatchGD's batch (slow)
-    extended_gd: bool = (
-        False  # also GD-extended (PatchGD's head on the feature map), plain and ckpt
-    )
+    extended_gd: bool = False  # also GD-extended (PatchGD's head on the feature map), 2 ways
     seed: int = 0
     out: str = "demo"
 
