@@ -92,6 +92,15 @@ def main() -> None:
         help="also PatchGD filling each image's Z once every R epochs (Z reuse)",
     )
     parser.add_argument(
+        "--patchgd-epochs",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="E",
+        help="also PatchGD trained for E epochs (default: twice the others', about checkpointed "
+        "GD's training time)",
+    )
+    parser.add_argument(
         "--patchgd-only",
         action="store_true",
         help="no baselines; writes the section budget-<canvas>-zreuse (with --z-reuse)",
@@ -102,6 +111,7 @@ def main() -> None:
     suffix = "-zreuse" if args.patchgd_only else ""
     settings = [Setting(1024, "192MiB", (0, 1, 2)), Setting(2048, "512MiB", (0,))]
     per_class_test = args.per_class_test
+    longer = [2 * base.epochs] if args.patchgd_epochs is None else args.patchgd_epochs
     if args.quick:
         base = replace(base, backbone="test_resnet", patch_size=32, per_class_train=2,
                        per_class_val=1, calibration_images=4, epochs=1, latent_dim=8)  # fmt: skip
@@ -114,6 +124,10 @@ def main() -> None:
 
     rows_by: dict[tuple[int, str], list[tuple[DemoResult, float]]] = {}
     chance = 0.0
+
+    def train_seconds(r: DemoResult) -> float:
+        """About the whole training's time: the unprobed epochs' mean times the epochs."""
+        return (r.s_per_epoch or 0.0) * len(r.val_curve)
 
     def spread(values: list[float]) -> str:
         return mean_sd(values, 3) if values else "does not fit"
@@ -139,6 +153,9 @@ def main() -> None:
                     f"{statistics.median(r.s_per_epoch or 0.0 for r, _ in fitted):.1f}"
                     if fitted
                     else "-",
+                    f"{statistics.median(train_seconds(r) for r, _ in fitted):.0f}"
+                    if fitted
+                    else "-",
                 )
             )
         text = "\n\n".join(
@@ -147,12 +164,15 @@ def main() -> None:
                 machine_line(),
                 f"### {setting.canvas} px under {setting.budget} (FineDetail, "
                 f"`{base.backbone}`, patch {base.patch_size}, {4 * base.per_class_train} "
-                f"training images, {base.epochs} epochs, Adam {base.lr:g}, "
+                f"training images, {base.epochs} epochs unless named, Adam {base.lr:g}"
+                + (" decaying linearly to 0" if base.lr_decay else "")
+                + f", PatchGD's ε = {base.accumulation or 'ζ'}, "
                 f"{4 * per_class_test} test images per seed)",
                 "Test accuracy of the last epoch's model, one value per seed (each seed draws its "
                 f"own images and initialisation); chance is {chance:.2f}. Batch and input size are "
                 "the planner's, per seed; peak is the largest measured over the seeds; time per "
-                "epoch the median.",
+                "epoch the median (the first, probed epoch left out); training seconds are that "
+                "times the epochs.",
                 markdown_table(
                     (
                         "canvas, budget",
@@ -163,6 +183,7 @@ def main() -> None:
                         "mean ± sd",
                         "peak MiB",
                         "s/epoch",
+                        "training s",
                     ),
                     table,
                 ),
@@ -210,6 +231,13 @@ def main() -> None:
                         replace(cfg, baselines=False, z_refresh_every=r), log=False
                     )
                     label = f"PatchGD, Z every {r} epochs"
+                    results += [replace(m, method=label) for m in more]
+                    models[label] = more_models["PatchGD"]
+                for epochs in longer:
+                    more, more_models, _ = run_demo(
+                        replace(cfg, baselines=False, epochs=epochs), log=False
+                    )
+                    label = f"PatchGD, {epochs} epochs"
                     results += [replace(m, method=label) for m in more]
                     models[label] = more_models["PatchGD"]
                 data = task_config(cfg)

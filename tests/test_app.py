@@ -218,7 +218,7 @@ def test_epoch_shuffle_depends_only_on_seed_and_epoch():
 
 
 def test_schedule_warms_up_from_zero_then_decays_linearly_to_the_final_fraction():
-    from patchgd.app.task import warmup_then_linear_decay as f
+    from patchgd.schedule import warmup_then_linear_decay as f
 
     assert [f(s, 4, 12, 0.5) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]
     assert f(8, 4, 12, 0.5) == pytest.approx(0.75) and f(12, 4, 12, 0.5) == 0.5
@@ -351,7 +351,7 @@ def test_the_schedule_counts_optimizer_steps_not_batches(tmp_path, monkeypatch):
 
 
 def f(step: int, warmup: int = 10, total: int = 20) -> float:
-    from patchgd.app.task import warmup_then_linear_decay
+    from patchgd.schedule import warmup_then_linear_decay
 
     return warmup_then_linear_decay(step, warmup, total, 0.5)
 

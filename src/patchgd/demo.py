@@ -39,6 +39,7 @@ from .head import HeadConfig
 from .memory import live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
 from .planner import parse_size, plan_classifier
+from .schedule import warmup_then_linear_decay
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class DemoConfig:
     batch_size: int = 8
     memory_budget: str = "48MiB"
     lr: float = 1e-3
+    lr_decay: bool = True  # every method's learning rate falls linearly to 0 over the run
+    accumulation: int | None = 1  # PatchGD's ε: inner iterations per optimizer step (None: ζ)
     sampling_fraction: float = 0.125
     max_visit_fraction: float = 0.5
     latent_dim: int = 32
@@ -115,7 +118,8 @@ def patchgd_head(cfg: DemoConfig) -> HeadConfig:
 def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> PatchGDClassifier:
     """The demo's PatchGD: ``cfg``'s patches, latent width and head, trained by ``loop``.
 
-    ``loop`` defaults to ``cfg``'s sampling (``sampling_fraction``, ``max_visit_fraction``).
+    ``loop`` defaults to ``cfg``'s sampling (``sampling_fraction``, ``max_visit_fraction``) and
+    ``accumulation`` (ε).
     """
     return PatchGDClassifier(
         cfg.backbone,
@@ -127,7 +131,9 @@ def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> Patch
         head=patchgd_head(cfg),
         loop=loop
         or InnerLoopConfig(
-            sampling_fraction=cfg.sampling_fraction, max_visit_fraction=cfg.max_visit_fraction
+            sampling_fraction=cfg.sampling_fraction,
+            max_visit_fraction=cfg.max_visit_fraction,
+            accumulation=cfg.accumulation,
         ),
         fill_chunk=cfg.fill_chunk,
         linear_init=cfg.linear_init,
@@ -227,15 +233,33 @@ def materialise(dataset: FineDetail) -> TensorDataset:
     return TensorDataset(torch.stack(images), torch.as_tensor(labels))
 
 
-def train_epoch(model: Classifier, optimizer: torch.optim.Optimizer, loader: DataLoader) -> float:
+def train_epoch(
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
     """One training epoch of any classifier; the mean loss. A loader of ``(images, targets,
-    indices)`` names each image by its index (PatchGD's Z reuse keeps Z by it)."""
+    indices)`` names each image by its index (PatchGD's Z reuse keeps Z by it). ``schedule``
+    advances once per batch, so every method follows the same curve through its data."""
     model.train()
-    losses = [
-        model.training_step(x, y, optimizer, keys=rest[0].tolist() if rest else None).loss
-        for x, y, *rest in loader
-    ]
+    losses = []
+    for x, y, *rest in loader:
+        losses.append(
+            model.training_step(x, y, optimizer, keys=rest[0].tolist() if rest else None).loss
+        )
+        if schedule is not None:
+            schedule.step()
     return sum(losses) / len(losses)
+
+
+def decay_schedule(
+    optimizer: torch.optim.Optimizer, batches: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate from its peak at the first batch linearly down to 0 after ``batches``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: warmup_then_linear_decay(i, 0, batches, 0.0)
+    )
 
 
 def _input_px(model: Classifier, cfg: DemoConfig) -> int:
@@ -281,6 +305,7 @@ def run_demo(
         keyed = TensorDataset(*train.tensors, torch.arange(len(train)))  # indices: Z reuse's keys
         loader = DataLoader(keyed, batch, shuffle=True, drop_last=True, generator=generator)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        schedule = decay_schedule(optimizer, cfg.epochs * len(loader)) if cfg.lr_decay else None
         calibration = calibration_batches(train, cfg.calibration_images, batch)
         losses, seconds, curve = [], [], []
         report = None
@@ -289,9 +314,11 @@ def run_demo(
             if epoch == 0:
                 # The first epoch runs under the probe: batches, activations, gradients and the
                 # Adam state it creates. Later epochs repeat the same steps, unprobed and timed.
-                loss, report = measure(lambda m=model, o=optimizer, d=loader: train_epoch(m, o, d))
+                loss, report = measure(
+                    lambda m=model, o=optimizer, d=loader, s=schedule: train_epoch(m, o, d, s)
+                )
             else:
-                loss = train_epoch(model, optimizer, loader)
+                loss = train_epoch(model, optimizer, loader, schedule)
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
             curve.append(evaluate(model, val, classes, calibration))
