@@ -12,11 +12,12 @@ a larger image of the same task, not a harder one.
 
 Each seed draws its own training, validation and test images and its own initialisation. Every
 method is planned by :func:`patchgd.planner.plan_classifier` under the budget and trained for
-the demo's epochs (:func:`patchgd.demo.run_demo`); the last epoch's model is scored on the test
-split, which nothing else sees (no checkpoint is chosen). Results go to
+the demo's epochs (:func:`patchgd.demo.run_demo`), and PatchGD once more for twice as many
+(``--patchgd-epochs``), about checkpointed GD's training time; the last epoch's model is scored
+on the test split, which nothing else sees (no checkpoint is chosen). Results go to
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
-    python benchmarks/budget_study.py --canvas 1024   # 37 minutes on two cores
+    python benchmarks/budget_study.py --canvas 1024   # 51 minutes on two cores
     python benchmarks/budget_study.py                 # and the 2048 px row, 50 minutes more
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
