@@ -14,7 +14,7 @@ The public API:
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, PatchGDError
+from .errors import ConfigError, DataError, DivergedError, PatchGDError
 
 # The public names and the module that holds each. They are imported on first use (PEP 562),
 # so `import patchgd.data.sources` in a reader process does not pull in torch and timm.
@@ -92,4 +92,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataError", "PatchGDError", "__version__", *_MODULE_OF]
+__all__ = ["ConfigError", "DataError", "DivergedError", "PatchGDError", "__version__", *_MODULE_OF]

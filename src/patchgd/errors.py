@@ -13,3 +13,7 @@ class ConfigError(PatchGDError, ValueError):
 
 class DataError(PatchGDError, ValueError):
     """Input data that cannot be used; the message names the file or item."""
+
+
+class DivergedError(PatchGDError, FloatingPointError):
+    """Training produced non-finite gradients or weights; the message names the step."""

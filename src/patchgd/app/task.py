@@ -26,7 +26,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 from ..algorithm import StepHooks, StepResult, keep_modes
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 from ..memory import live_training_bytes, measure
 from ..model import Classifier, PatchGDClassifier
 from ..planner import ClassifierPlan, cap_cuda_memory
@@ -184,6 +184,7 @@ class PatchGDTask(L.LightningModule):
         applied_lr: list[float] = []
 
         def optimizer_step() -> None:
+            self._refuse_nonfinite_gradients(batch_idx)
             applied_lr.append(schedule.get_last_lr()[0])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -209,7 +210,7 @@ class PatchGDTask(L.LightningModule):
         self._training_steps_run += 1
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
-        self.train_metrics.update(result.logits.float(), targets)
+        self.train_metrics.update(nonfinite_as_wrong(result.logits.float(), targets), targets)
         self.log(
             "train/loss",
             result.loss,
@@ -224,6 +225,26 @@ class PatchGDTask(L.LightningModule):
             patches += batch_size * self.classifier.grid.num_patches  # the fill
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
         self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
+
+    def _refuse_nonfinite_gradients(self, batch_idx: int) -> None:
+        """Stop before an optimizer step would write NaN or inf into the weights.
+
+        The weights stay those of the last finite step, so the checkpoints already written stay
+        good. Under fp16 the gradient scaler skips such steps itself and is left to do so.
+        """
+        if self._trainer is not None and self.trainer.precision in ("16-mixed", "16-true"):
+            return
+        grads = [p.grad for p in self.classifier.parameters() if p.grad is not None]
+        if not grads or torch.nn.utils.get_total_norm(grads).isfinite():
+            return
+        epoch, step = (
+            (self.current_epoch, self.global_step) if self._trainer is not None else (0, 0)
+        )
+        raise DivergedError(
+            f"training diverged: non-finite gradients at epoch {epoch}, batch {batch_idx} "
+            f"(optimizer step {step}); the weights keep the last finite step; lower model.lr "
+            f"(now {self.hparams.lr:g})"
+        )
 
     def _measure_step(
         self, step: Callable[[], StepResult], images: Any, optimizer: Any
@@ -269,7 +290,7 @@ class PatchGDTask(L.LightningModule):
             batch_size=targets.shape[0],
             sync_dist=True,
         )
-        metrics.update(logits, targets)
+        metrics.update(nonfinite_as_wrong(logits, targets), targets)
 
     def on_validation_epoch_start(self) -> None:
         batches = self.hparams.recalibrate_bn_batches
@@ -343,6 +364,19 @@ class PatchGDTask(L.LightningModule):
 
     # -- reproducible resume ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint holding NaN or inf (e.g. BatchNorm statistics after a loss near 1e12)
+        # is never written, so it can neither replace a good one nor be kept as best.
+        for name, value in checkpoint.get("state_dict", {}).items():
+            if (
+                isinstance(value, Tensor)
+                and value.is_floating_point()
+                and not value.isfinite().all()
+            ):
+                raise DivergedError(
+                    f"training diverged: {name} holds non-finite values at epoch "
+                    f"{self.current_epoch} (optimizer step {self.global_step}); no checkpoint "
+                    "was written; lower model.lr"
+                )
         # Dropout and the data order draw on the global generators; a resumed run must
         # continue their streams, not restart them.
         # Stored as tensors and numbers only, so checkpoints load with weights_only=True.
@@ -364,6 +398,20 @@ class PatchGDTask(L.LightningModule):
             random.setstate(states["python"])
             if states.get("cuda") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def nonfinite_as_wrong(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits`` with every row holding NaN or inf replaced by a confident wrong answer.
+
+    ``argmax`` of a NaN row is class 0, so without this a diverged model scores as well as class
+    0 is frequent, and could be kept as the best.
+    """
+    bad = ~logits.isfinite().all(dim=1)
+    if not bad.any():
+        return logits
+    classes = logits.shape[1]
+    wrong = F.one_hot((targets + 1) % classes, classes).to(logits.dtype)
+    return torch.where(bad[:, None], wrong, logits)
 
 
 def _built_for(classifier: Classifier) -> tuple[int, int]:
