@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from app_helpers import fit_in_subprocess as _fit
+from app_helpers import run_dir as _run_dir
 from images import tiny_ultramnist_args
 from patchgd.cli import main
 
@@ -29,10 +28,6 @@ ONE_EPOCH = [
     "--model.warmup_epochs",
     "0.4",
 ]
-
-
-def _run_dir(base: Path, version: int = 0) -> Path:
-    return base / "runs" / "lightning_logs" / f"version_{version}"
 
 
 def test_fit_then_validate_test_from_the_saved_config_and_checkpoint(tmp_path, monkeypatch):
@@ -96,31 +91,6 @@ def test_batchnorm_recalibration_before_validation_leaves_training_unchanged(tmp
         if key not in running and isinstance(value, torch.Tensor):
             assert torch.equal(value, states["2"][key]), key
     assert any(not torch.equal(states["0"][k], states["2"][k]) for k in running)
-
-
-def _fit(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    )
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "patchgd.cli",
-            "fit",
-            "--config",
-            str(TINY),
-            "--trainer.max_epochs",
-            "3",
-            *extra,
-        ],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_a_run_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path):

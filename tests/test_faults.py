@@ -1,19 +1,28 @@
-"""Faults in training: a diverging run stops in one line and never writes a non-finite model."""
+"""Faults: a diverging run stops in one line and never writes a non-finite model; a bad file
+costs only itself; a bad checkpoint path is one line; an interrupted write leaves nothing."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import csv
+import json
+import signal
 
 import pytest
 import torch
 
+from app_helpers import TINY, fit_in_subprocess, run_dir
+from images import tiny_ultramnist_args
 from patchgd import PatchGDClassifier
 from patchgd.app.task import PatchGDTask, nonfinite_as_wrong
 from patchgd.cli import main
 from patchgd.errors import DivergedError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "ultramnist" / "patchgd_tiny.yaml"
+ONE_EPOCH = ["fit", "--config", str(TINY), "--trainer.max_epochs", "1"]
+ONE_EPOCH += ["--model.warmup_epochs", "0.4"]
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
 
 
 def test_a_diverging_learning_rate_stops_the_run_in_one_line_naming_the_step(
@@ -22,7 +31,7 @@ def test_a_diverging_learning_rate_stops_the_run_in_one_line_naming_the_step(
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(TINY), "--trainer.max_epochs", "2"]
     assert main([*args, "--model.warmup_epochs", "0", "--model.lr", "1e30"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
+    err = _error_lines(capsys)
     assert len(err) == 1, err
     assert "training diverged: non-finite gradients at epoch 0, batch" in err[0]
     assert "lower model.lr (now 1e+30)" in err[0]
@@ -65,3 +74,111 @@ def test_non_finite_logits_score_as_wrong_never_as_class_0():
     assert scored.argmax(dim=1).tolist() == [1, 2, 0]  # the first two wrong, the third kept
     assert torch.equal(scored[2], logits[2])
     assert torch.equal(nonfinite_as_wrong(logits[2:], targets[2:]), logits[2:])  # untouched
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_predict_with_a_truncated_image_predicts_the_others_and_lists_it(
+    batch_size, tmp_path, monkeypatch
+):
+    """Decoding fails only when the batch is read, inside a DataLoader worker; with batch 1 the
+    bad image's batch holds no readable image at all."""
+    monkeypatch.chdir(tmp_path)
+    assert main(ONE_EPOCH) == 0
+    assert main(tiny_ultramnist_args("imgs")) == 0
+    good = [f"imgs/val/{i:06d}.png" for i in range(5)]
+    whole = (tmp_path / good[0]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])  # the header still reads
+    inputs = [*good[:2], "truncated.png", *good[2:]]
+    run = run_dir(tmp_path)
+    args = ["predict", "--config", str(run / "config.yaml")]
+    args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    args += ["--data", "patchgd.app.data.PredictImagesDataModule"]
+    args += ["--data.inputs", f"[{', '.join(inputs)}]", "--data.target_size", "64"]
+    args += ["--data.keep_gray", "true", "--data.num_workers", "2"]
+    assert main([*args, "--data.batch_size", str(batch_size)]) == 0
+    out = run_dir(tmp_path, 1)
+    assert [row["image"] for row in _rows(out / "predictions.csv")] == good
+    skipped = _rows(out / "skipped.csv")
+    assert [row["image"] for row in skipped] == ["truncated.png"]
+    assert "truncated.png" in skipped[0]["reason"]
+
+
+@pytest.mark.parametrize("command", ["fit", "predict"])
+def test_a_bad_checkpoint_path_is_one_line_naming_it(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(ONE_EPOCH) == 0
+    run = run_dir(tmp_path)
+    whole = (run / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "folder.ckpt").mkdir()
+    capsys.readouterr()
+    for bad in ("empty.ckpt", "truncated.ckpt", "folder.ckpt", "missing.ckpt"):
+        args = [command, "--config", str(run / "config.yaml"), "--ckpt_path", bad]
+        assert main(args) == 2, bad
+        err = _error_lines(capsys)
+        assert len(err) == 1, err
+        assert f"--ckpt_path {bad}: not a readable checkpoint (" in err[0]
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_and_resume_removes_the_temp(
+    tmp_path,
+):
+    kill = tmp_path / "kill.yaml"
+    kill.write_text(
+        "trainer:\n  plugins:\n    - class_path: app_helpers.KillDuringCheckpointWrite\n"
+        "      init_args: {epoch: 1}\n"
+    )
+    died = fit_in_subprocess(tmp_path, "--config", str(kill))
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    folder = run_dir(tmp_path) / "checkpoints"
+    assert len(list(folder.glob(".*.ckpt.*.tmp"))) == 1  # half a checkpoint, left by the kill
+    last = folder / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the old file, whole
+    resumed = fit_in_subprocess(tmp_path, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list(folder.glob(".*.tmp"))
+    resumed_last = run_dir(tmp_path, 1) / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed_last, weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data.init_args.batch_size", "-1"], "batch_size must be >= 1"),
+        (
+            ["--model.classifier.init_args.in_chans", "3"],
+            "the data gives 1-channel images but model.classifier was built for in_chans=3",
+        ),
+        (
+            ["--data.init_args.channels", "3"],
+            "the data gives 3-channel images but model.classifier was built for in_chans=1",
+        ),
+    ],
+)
+def test_options_refused_while_the_run_is_built_are_one_line_and_mark_the_run_failed(
+    args, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(TINY), *args]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.rglob("*.ckpt"))
+    for folder in (tmp_path / "runs" / "lightning_logs").glob("version_*"):
+        status = json.loads((folder / "summary.json").read_text())["status"]
+        assert status["state"] == "failed" and message in status["error"]
+
+
+def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*ONE_EPOCH, "--trainer.default_root_dir", "elsewhere"]) == 0
+    run = tmp_path / "elsewhere" / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
+    assert (tmp_path / "elsewhere" / "tensorboard").is_dir()
+    assert not (tmp_path / "runs").exists()

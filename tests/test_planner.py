@@ -158,3 +158,36 @@ def test_gd_with_accumulation_gets_the_largest_micro_batch_beside_the_whole_batc
 
     assert peak(micro) <= budget
     assert micro == batch or peak(micro + 1) > budget  # the largest micro-batch that fits
+
+
+def test_the_plan_never_exceeds_the_batch_asked_for():
+    """A head whose BatchNorm sees a single cell needs two images: with at most one allowed the
+    plan is refused in one line, never silently raised to two."""
+    from patchgd import GDExtendedClassifier
+    from patchgd.planner import plan_gd
+
+    assert PatchGDClassifier(**KWARGS).head.out_shape == (1, 1)  # the head needs two images
+    with pytest.raises(ConfigError, match="a batch of at most 1 cannot train this model"):
+        plan_patchgd(KWARGS, 64 * 2**20, max_batch=1)
+    with pytest.raises(ConfigError, match="the largest batch must be at least 1, got 0"):
+        plan_patchgd(KWARGS, 64 * 2**20, max_batch=0)
+    build = lambda: GDExtendedClassifier("test_resnet", 3, 64, latent_dim=16)  # noqa: E731
+    with pytest.raises(ConfigError, match="a batch of at most 1 cannot train GD"):
+        plan_gd(build, 64, 64 * 2**20, max_batch=1)
+    linear = {**KWARGS, "head": HeadConfig(stride1_layers=0, stride2_layers=0, dropout=0.0)}
+    assert plan_patchgd(linear, 64 * 2**20, max_batch=1).batch_size == 1  # one image trains
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--max-batch", "0"], "the largest batch must be at least 1, got 0"),
+        (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+        (["--device", "gpu"], "--device gpu: "),
+    ],
+)
+def test_plan_command_refuses_bad_options_in_one_line(option, message, capsys):
+    assert main([*PLAN, "--memory-budget", "64MiB", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -32,3 +32,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], pattern: str = ".*.tmp") -> list[Path]:
+    """Delete the temp files that an :func:`atomic_write` killed mid-write (``kill -9``, power
+    loss) left in ``folder``; return them. Call it where no write into ``folder`` is under way."""
+    removed = [path for path in Path(folder).glob(pattern) if path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

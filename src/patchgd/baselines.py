@@ -62,7 +62,7 @@ class GDClassifier(Classifier):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.image_size = as_pair(image_size, "image_size")
         self.backbone = create_backbone(
             backbone,

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import PatchGDError
+from .errors import ConfigError, PatchGDError, one_line
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -98,6 +98,19 @@ def _data_stats(args: argparse.Namespace) -> None:
     print(json.dumps({"mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}))
 
 
+def _device(text: str):  # noqa: ANN202 - torch is imported lazily
+    """``--device``: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {text}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: CUDA is not available on this machine")
+    return device
+
+
 def _plan(args: argparse.Namespace) -> None:
     from .algorithm import InnerLoopConfig
     from .planner import plan_patchgd
@@ -112,9 +125,10 @@ def _plan(args: argparse.Namespace) -> None:
         loop=InnerLoopConfig(sampling_fraction=args.sampling_fraction),
         fill_chunk=args.fill_chunk,
     )
-    print(f"planning PatchGD under {args.memory_budget} on {args.device} (measured trial steps):")
+    device = _device(args.device)
+    print(f"planning PatchGD under {args.memory_budget} on {device} (measured trial steps):")
     plan = plan_patchgd(
-        kwargs, args.memory_budget, device=args.device, max_batch=args.max_batch, log=print
+        kwargs, args.memory_budget, device=device, max_batch=args.max_batch, log=print
     )
     print(f"plan: {plan}")
 
@@ -227,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             args.run(args)
     except PatchGDError as err:
-        print(f"patchgd: error: {err}", file=sys.stderr)
+        print(f"patchgd: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

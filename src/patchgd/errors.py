@@ -17,3 +17,14 @@ class DataError(PatchGDError, ValueError):
 
 class DivergedError(PatchGDError, FloatingPointError):
     """Training produced non-finite gradients or weights; the message names the step."""
+
+
+def one_line(err: PatchGDError) -> str:
+    """The error's message; for one re-raised from a DataLoader worker, whose message PyTorch
+    replaces with the worker's whole traceback, the original message again."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "patchgd.errors.DataError: <message>"
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = last.removeprefix(prefix)
+    return text

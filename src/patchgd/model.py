@@ -66,6 +66,8 @@ class Classifier(nn.Module):
 
     #: Whether the backbone's BatchNorm layers stay in eval mode when the model trains.
     freeze_bn: bool = False
+    #: Image channels the model takes (set by every subclass).
+    in_chans: int
 
     def backbone_module(self) -> nn.Module:
         """The pretrainable feature extractor, whose BatchNorm ``freeze_bn`` freezes."""
@@ -192,7 +194,7 @@ class PatchGDClassifier(Classifier):
         self.configure_loop(fill_chunk=fill_chunk)
         self.fill_norm: FillNorm = fill_norm
         self.fill_dtype = _fill_dtype(fill_dtype)
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.encoder = PatchEncoder(
             backbone, patch_size, latent_dim, in_chans, pretrained, **(backbone_kwargs or {})
         )

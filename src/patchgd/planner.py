@@ -205,6 +205,13 @@ def plan_patchgd(
         return result if result.peak_bytes <= budget else None
 
     start = 2 if _needs_two_images(base) else 1
+    if max_batch < start:  # the batch asked for is a ceiling the plan never exceeds
+        raise ConfigError(
+            f"a batch of at most {max_batch} cannot train this model: BatchNorm in its head "
+            "cannot train on one image whose grid reduces to a single cell; allow a batch of 2"
+            if max_batch >= 1
+            else f"the largest batch must be at least 1, got {max_batch}"
+        )
     refused = len(refusals)
     best = fits(start, k, chunk)
     if best is None and start == 1 and len(refusals) > refused and max_batch >= 2:
@@ -308,6 +315,8 @@ def plan_gd(
     """
     budget = parse_size(budget)
     device = torch.device(device)
+    if max_batch < 1 or batch < 1:
+        raise ConfigError(f"the largest batch must be at least 1, got {min(max_batch, batch)}")
     name = "GD, accumulated" if accumulate else "downscaled GD" if downscale else "GD"
     invalid: set[int] = set()
 
@@ -346,6 +355,11 @@ def plan_gd(
         best = _largest(lambda m: run(build(32 * m), batch, 32 * m), 1, max(1, image_size // 32))
     else:
         best = from_smallest(lambda b: run(build(), b, image_size), max_batch)
+    if best is None and 1 in invalid and not downscale and (batch if accumulate else max_batch) < 2:
+        raise ConfigError(
+            f"a batch of at most 1 cannot train {name}: one image cannot train it (BatchNorm "
+            "over a single value); allow a batch of 2"
+        )
     if best is None:
         raise ConfigError(
             f"memory budget {budget / 2**20:.1f} MiB is too small for {name} at "
@@ -387,6 +401,8 @@ def plan_classifier(
     """
     budget = parse_size(budget)
     device = torch.device(device)
+    if batch_size < 1:
+        raise ConfigError(f"the largest batch must be at least 1, got {batch_size}")
     if isinstance(classifier, PatchGDClassifier):
         plan = plan_patchgd(
             classifier, budget, device=device, max_batch=batch_size, lazy=lazy, log=log

@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,33 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
-from .._io import atomic_write
+from .._io import atomic_write, remove_stale_temps
+
+#: The temp files of checkpoints that :func:`~patchgd._io.atomic_write` was killed writing.
+STALE_CHECKPOINT_TEMPS = ".*.ckpt.*.tmp"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes checkpoints through a temp file and a rename: a kill leaves the old file or none."""
+    """Writes checkpoints through a temp file and a rename: a kill leaves the old file or none.
+
+    The temp files such a kill leaves behind are removed by the first write into the folder,
+    and by ``fit --ckpt_path`` from the folder of the checkpoint it resumes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cleaned: set[Path] = set()
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._cleaned:
+            remove_stale_temps(target.parent, STALE_CHECKPOINT_TEMPS)
+            self._cleaned.add(target.parent)
         atomic_write(target, lambda handle: torch.save(checkpoint, handle))
 
 
@@ -77,7 +93,9 @@ class RunSummary(Callback):
     """Writes ``summary.json`` in the run folder: final and best metrics, time, peak memory.
 
     ``fit`` writes the final and best validation metrics and the seconds of every epoch;
-    ``validate`` and ``test`` add their metrics under their own key.
+    ``validate`` and ``test`` add their metrics under their own key. A run that fails or is
+    interrupted after its folder was made gets ``status`` (``failed`` or ``interrupted``, the
+    error, the epoch) instead.
     """
 
     def __init__(self) -> None:
@@ -122,6 +140,26 @@ class RunSummary(Callback):
                 "seconds_per_epoch": seconds,
                 "mean_seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
                 **_memory_plan(pl_module),
+            },
+        )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Mark a run folder that already exists as failed or interrupted (Ctrl-C), with why."""
+        log_dir = _run_folder(trainer)
+        if log_dir is None or not log_dir.is_dir():
+            return  # nothing was written: nothing to mark
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        self._update(
+            trainer,
+            "status",
+            {
+                "state": "interrupted" if interrupted else "failed",
+                "stage": str(trainer.state.fn.value if trainer.state.fn else None),
+                "error": " ".join(str(exception).split()) or type(exception).__name__,
+                "epoch": trainer.current_epoch,
+                "seconds_per_epoch": self.epoch_seconds,
             },
         )
 
@@ -172,7 +210,8 @@ class PredictionWriter(BasePredictionWriter):
     """After ``predict``: ``predictions.csv`` and, when asked, ``heatmaps/*.png`` in the run folder.
 
     The CSV has one row per image: its id (the file, for ``PredictImagesDataModule``; the index
-    otherwise), the predicted class and the probability of every class. A heatmap shows the norm
+    otherwise), the predicted class and the probability of every class. Images that could not
+    be read are listed with the reason in ``skipped.csv`` instead. A heatmap shows the norm
     of each patch's latent vector ``Z[:, r, c]`` over the image (like Figure 5 of the paper);
     heatmaps come from ``patchgd predict ... --model.predict_heatmaps true`` with PatchGD.
     """
@@ -191,26 +230,47 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero or not predictions:
             return
         out = Path(log_dir or ".")
+        data = trainer.datamodule
         probs = torch.cat([p["probs"] for p in predictions]).cpu()
-        ids = getattr(trainer.datamodule, "image_ids", None) or [str(i) for i in range(len(probs))]
-        text = io.StringIO(newline="")
-        writer = csv.writer(text)
-        writer.writerow(["image", "predicted"] + [f"prob_{c}" for c in range(probs.shape[1])])
-        for image_id, p in zip(ids, probs, strict=True):
-            writer.writerow([image_id, int(p.argmax())] + [f"{v:.6f}" for v in p.tolist()])
-        payload = text.getvalue().encode()
-        atomic_write(out / "predictions.csv", lambda handle: handle.write(payload))
-        if "patch_norm" in predictions[0]:
-            norms = torch.cat([p["patch_norm"] for p in predictions]).cpu()
-            dataset = getattr(trainer.datamodule, "datasets", {}).get("predict")
+        names = getattr(data, "image_ids", None) or [str(i) for i in range(len(probs))]
+        positions = list(range(len(probs)))
+        skipped: list[tuple[str, str]] = list(getattr(data, "skipped", []))
+        if "index" in predictions[0]:  # PredictBatch: unreadable images were left out
+            positions = torch.cat([p["index"] for p in predictions]).tolist()
+            skipped += [(names[i], reason) for p in predictions for i, reason in p["failed"]]
+        ids = [names[i] for i in positions]
+        rows = [["image", "predicted"] + [f"prob_{c}" for c in range(probs.shape[1])]]
+        rows += [
+            [image_id, int(p.argmax())] + [f"{v:.6f}" for v in p.tolist()]
+            for image_id, p in zip(ids, probs, strict=True)
+        ]
+        _write_csv(out / "predictions.csv", rows)
+        if skipped:
+            _write_csv(out / "skipped.csv", [["image", "reason"], *skipped])
+            rank_zero_warn(
+                f"predict: {len(skipped)} of {len(ids) + len(skipped)} images skipped as "
+                f"unreadable, listed in {out / 'skipped.csv'}"
+            )
+        norms = [p["patch_norm"] for p in predictions if "patch_norm" in p]
+        if norms:
+            dataset = getattr(data, "datasets", {}).get("predict")
             grid = getattr(pl_module.classifier, "grid", None)
-            _write_heatmaps(out / "heatmaps", ids, norms, dataset, grid)
+            heatmaps = zip(positions, ids, torch.cat(norms).cpu(), strict=True)
+            _write_heatmaps(out / "heatmaps", heatmaps, dataset, grid)
+
+
+def _write_csv(path: Path, rows: list[list[Any]]) -> None:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    payload = text.getvalue().encode()
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def _write_heatmaps(
-    folder: Path, ids: list[str], norms: torch.Tensor, dataset: Any, grid: Any
+    folder: Path, heatmaps: Iterable[tuple[int, str, torch.Tensor]], dataset: Any, grid: Any
 ) -> None:
-    """One PNG per image: the image (when the dataset can give it) under its latent-norm map.
+    """One PNG per ``(position in dataset, image id, latent norms)``: the image (when the
+    dataset can give it) under its latent-norm map.
 
     Cells are placed at the grid's stride from the top-left, as the patches are; cells over the
     padding fall outside the image's frame.
@@ -221,7 +281,7 @@ def _write_heatmaps(
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (image_id, norm) in enumerate(zip(ids, norms, strict=True)):
+    for index, image_id, norm in heatmaps:
         fig, ax = plt.subplots(figsize=(5, 5))
         pixels = None
         if dataset is not None and hasattr(dataset, "read_resized"):

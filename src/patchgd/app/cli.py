@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,12 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import ConfigError
+from .._io import remove_stale_temps
+from ..errors import ConfigError, PatchGDError
 from ..planner import parse_size, plan_classifier
-from .callbacks import PredictionWriter, RunSummary, TrainingCurves
+from .callbacks import STALE_CHECKPOINT_TEMPS, PredictionWriter, RunSummary, TrainingCurves
 from .task import PatchGDTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_RUNS = "runs"  # where runs go unless --trainer.default_root_dir says otherwise
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -43,11 +46,11 @@ def trainer_defaults() -> dict[str, Any]:
         "logger": [
             {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": "runs"},
+                "init_args": {"save_dir": DEFAULT_RUNS},
             },
             {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "tensorboard"},
+                "init_args": {"save_dir": DEFAULT_RUNS, "name": "tensorboard"},
             },
         ],
         # By class path, so the saved config.yaml can be read back by validate/test/predict.
@@ -69,6 +72,18 @@ class PatchGDCLI(LightningCLI):
             "that fits; on CUDA also cap the process at this size",
         )
 
+    def before_instantiate_classes(self) -> None:
+        """With ``--trainer.default_root_dir``, the default loggers write there, not in ./runs."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
+        if not root or not isinstance(loggers, list):
+            return
+        for logger in loggers:
+            args = getattr(logger, "init_args", None)
+            if args is not None and args.get("save_dir") == DEFAULT_RUNS:
+                args.save_dir = str(root)
+
     def before_fit(self) -> None:
         self._apply_budget(plan=True)
 
@@ -80,6 +95,27 @@ class PatchGDCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._apply_budget(plan=False)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before any other hook.
+        self._check_checkpoint()
+        super()._parse_ckpt_path()
+
+    def _check_checkpoint(self) -> None:
+        """Refuse a ``--ckpt_path`` that is not a readable checkpoint, in one line naming it."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is None or path in ("best", "last", "hpc", "registry") or "://" in str(path):
+            return
+        try:  # memory-mapped: the tensors are not read, only the file's structure
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure means the same to the user
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({reason})") from err
+        if subcommand != "fit":  # a run may still be writing there while others read
+            return
+        for temp in remove_stale_temps(Path(path).parent, STALE_CHECKPOINT_TEMPS):
+            rank_zero_info(f"removed {temp}, left by an interrupted checkpoint write")
 
     def _apply_budget(self, plan: bool) -> None:
         config = self.config[self.subcommand]
@@ -144,3 +180,12 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
             raise ConfigError(f"{argv[0]}: {reason} (see `patchgd {argv[0]} --help`)") from err
         except MisconfigurationException as err:  # Lightning's own refusals of trainer options
             raise ConfigError(" ".join(str(err).split())) from err
+        except ValueError as err:
+            # jsonargparse reports a data module's refusal as "does not validate against any
+            # of the Union subtypes", caused by our one-line error: raise that one.
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, PatchGDError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from err

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -18,8 +19,10 @@ from ..data.patches import SourcePatches, collate_lazy
 from ..data.table import DEFAULT_EXTENSIONS, ImageTable, TableItem, read_table, stratified_folds
 from ..data.tissue import TissueMasks
 from ..data.ultramnist import UltraMNIST, UltraMNISTConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..grid import PatchGrid
+
+logger = logging.getLogger("patchgd.data")
 
 
 class _Normalized(Dataset):
@@ -71,6 +74,12 @@ class _Loaders(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.datasets: dict[str, Dataset] = {}
 
+    @property
+    def channels(self) -> int | None:
+        """Image channels, once ``setup`` has built the splits (``None`` before)."""
+        data = next(iter(self.datasets.values()), None)
+        return getattr(data, "channels", None)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         return DataLoader(
@@ -119,11 +128,15 @@ class _Generated(_Loaders):
         seed: int,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        self.sizes, self.channels, self.mean, self.std = sizes, channels, mean, std
+        self.sizes, self._channels, self.mean, self.std = sizes, channels, mean, std
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    @property
+    def channels(self) -> int:
+        return self._channels
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -355,12 +368,54 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
+class PredictBatch(NamedTuple):
+    """A batch of images to classify: the readable ones, and the ones whose decoding failed."""
+
+    images: Tensor | None  #: the readable images, ``None`` when none was
+    index: Tensor  #: their positions in the data set
+    failed: list[tuple[int, str]]  #: ``(position, reason)`` of each unreadable image
+
+
+class _Readable(Dataset):
+    """``(image, position, None)``, or ``(None, position, reason)`` when decoding fails.
+
+    Damage that only decoding reveals (a truncated PNG) costs that image alone, also inside a
+    DataLoader worker.
+    """
+
+    def __init__(self, data: LargeImageDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str | None]:
+        try:
+            image, _ = self.data[index]
+        except DataError as err:
+            logger.warning("skipped: %s", err)
+            return None, index, str(err)
+        return image, index, None  # type: ignore[return-value]
+
+
+def collate_readable(items: list[tuple[Tensor | None, int, str | None]]) -> PredictBatch:
+    """Stack the readable images of a batch; keep the reasons of the others."""
+    readable = [(image, index) for image, index, _ in items if image is not None]
+    return PredictBatch(
+        images=torch.stack([image for image, _ in readable]) if readable else None,
+        index=torch.tensor([index for _, index in readable], dtype=torch.long),
+        failed=[(index, reason) for image, index, reason in items if image is None],
+    )
+
+
 class PredictImagesDataModule(_Loaders):
     """Images to classify, without labels: files and folders, in any format ``open_image`` reads.
 
     Images are resized like ``ImageFolderDataModule`` (longest side ``target_size``, padded to a
     square with ``fill``); use the training run's ``mean``/``std``. Unreadable files are skipped
-    and reported, one line each.
+    and reported, one line each: files that cannot be opened when the data set is built, and
+    files whose decoding fails (a truncated PNG) when their batch is read; the others are
+    predicted. Batches are :class:`PredictBatch`.
     """
 
     def __init__(
@@ -396,8 +451,20 @@ class PredictImagesDataModule(_Loaders):
 
     @property
     def image_ids(self) -> list[str]:
-        """The images predicted, in prediction order (skipped files left out)."""
+        """The images of the data set by position (files that could not be opened left out)."""
         return [item.path for item in self.datasets["predict"].items]  # type: ignore[attr-defined]
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(file, reason)`` of each file left out when the data set was built."""
+        data = self.datasets["predict"]
+        return [(s.item, s.reason) for s in data.skipped]  # type: ignore[attr-defined]
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+        return DataLoader(
+            _Readable(self.datasets["predict"]),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=collate_readable,
+        )

@@ -31,6 +31,7 @@ from ..memory import live_training_bytes, measure
 from ..model import Classifier, PatchGDClassifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 from ..schedule import warmup_then_linear_decay
+from .data import PredictBatch
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -134,6 +135,12 @@ class PatchGDTask(L.LightningModule):
             raise ConfigError(
                 f"the data gives {size[0]}×{size[1]} px images but model.classifier was built for "
                 f"image_size={built_for[0]}×{built_for[1]}"
+            )
+        channels = getattr(data, "channels", None)
+        if channels is not None and channels != self.classifier.in_chans:
+            raise ConfigError(
+                f"the data gives {channels}-channel images but model.classifier was built for "
+                f"in_chans={self.classifier.in_chans}"
             )
 
     # -- optimisation -------------------------------------------------------------------
@@ -329,8 +336,16 @@ class PatchGDTask(L.LightningModule):
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        images = self._to_memory_format(batch[0] if isinstance(batch, tuple | list) else batch)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        if isinstance(batch, PredictBatch):  # positions kept: unreadable images left out
+            found = {"index": batch.index, "failed": batch.failed}
+            if batch.images is None:
+                return {**found, "probs": torch.empty(0, self.classifier.num_classes)}
+            return {**found, **self._predict(batch.images)}
+        return self._predict(batch[0] if isinstance(batch, tuple | list) else batch)
+
+    def _predict(self, images: Tensor) -> dict[str, Tensor]:
+        images = self._to_memory_format(images)
         classifier = self.classifier
         if not (self.predict_heatmaps and isinstance(classifier, PatchGDClassifier)):
             return {"probs": classifier.predict_proba(images)}
