@@ -18,7 +18,7 @@ on the test split, which nothing else sees (no checkpoint is chosen). Results go
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
     python benchmarks/budget_study.py --canvas 1024   # 51 minutes on two cores
-    python benchmarks/budget_study.py                 # and the 2048 px row, 50 minutes more
+    python benchmarks/budget_study.py                 # and the 2048 px row, 83 minutes more
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
 Each canvas has its own section of the page (``budget-1024``, ``budget-2048``), written as soon
