@@ -109,9 +109,10 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_pat
     assert torch.load(last, weights_only=True)["epoch"] == 0  # only epoch 0 was saved
     resumed = _fit(killed, "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not _run_dir(killed, 1).exists()  # resumed in its own run folder
 
     a = torch.load(_run_dir(straight) / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(_run_dir(killed, 1) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(_run_dir(killed) / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["state_dict"].items():
         if isinstance(value, torch.Tensor):
@@ -126,9 +127,23 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_pat
             assert torch.equal(value, b["optimizer_states"][0]["state"][key][name]), name
     assert a["lr_schedulers"] == b["lr_schedulers"]
     summary_a = json.loads((_run_dir(straight) / "summary.json").read_text())["fit"]
-    summary_b = json.loads((_run_dir(killed, 1) / "summary.json").read_text())["fit"]
+    summary_b = json.loads((_run_dir(killed) / "summary.json").read_text())["fit"]
     for name in ("val/acc", "val/qwk", "val/loss", "train/loss"):
         assert summary_a["final_metrics"][name] == summary_b["final_metrics"][name], name
+    # The same best checkpoint, and no other: the tracking carried over the kill.
+    assert summary_a["best"]["score"] == summary_b["best"]["score"]
+    best_a, best_b = Path(summary_a["best"]["checkpoint"]), Path(summary_b["best"]["checkpoint"])
+    assert best_a.name == best_b.name and best_b.parent == _run_dir(killed) / "checkpoints"
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert names(_run_dir(straight)) == names(_run_dir(killed))
+    # One metrics row per logged step, as if never killed (timings aside).
+    assert _untimed_metrics(_run_dir(straight)) == _untimed_metrics(_run_dir(killed))
+
+
+def _untimed_metrics(run: Path) -> list[dict[str, str]]:
+    """The run's metrics.csv rows without the throughput columns, which vary run to run."""
+    with open(run / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in r.items() if "per_s" not in k} for r in csv.DictReader(handle)]
 
 
 def test_a_bad_inner_loop_fails_before_training_in_one_line(tmp_path, monkeypatch, capsys):

@@ -143,8 +143,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_and_resume_removes
     resumed = fit_in_subprocess(tmp_path, "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not list(folder.glob(".*.tmp"))
-    resumed_last = run_dir(tmp_path, 1) / "checkpoints" / "last.ckpt"
-    assert torch.load(resumed_last, weights_only=True)["epoch"] == 2
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # resumed in the same folder
+    assert not run_dir(tmp_path, 1).exists()
 
 
 @pytest.mark.parametrize(
@@ -182,3 +182,42 @@ def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch
     assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
     assert (tmp_path / "elsewhere" / "tensorboard").is_dir()
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_image_met_in_training_with_workers_is_one_line_naming_it(
+    tmp_path, monkeypatch, capsys
+):
+    """PyTorch re-raises a worker's error with the worker's whole traceback as its message;
+    the user still gets the one line of the original error."""
+    monkeypatch.chdir(tmp_path)
+    assert main(tiny_ultramnist_args("imgs", per_class=2)) == 0
+    bad = tmp_path / "imgs" / "train" / "000003.png"
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: len(whole) // 2])
+    args = [*ONE_EPOCH, "--data", "patchgd.app.data.ImageFolderDataModule"]
+    args += ["--data.csv", "imgs/labels.csv", "--data.target_size", "64"]
+    args += ["--data.fill", "[0, 0, 0]", "--data.num_workers", "2", "--data.batch_size", "2"]
+    capsys.readouterr()
+    assert main([*args, "--model.classifier.init_args.in_chans", "3"]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1, err
+    assert f"cannot decode {bad}" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_fault_catalogue_lists_real_tests():
+    import ast
+    import re
+
+    root = TINY.parents[2]
+    catalogue = (root / "docs" / "faults.md").read_text()
+    named = set(re.findall(r"`(tests/\w+\.py)::(\w+)`", catalogue))
+    defined = {}
+    for path in {p for p, _ in named} | {"tests/test_faults.py"}:
+        tree = ast.parse((root / path).read_text())
+        defined[path] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    missing = sorted(f"{p}::{t}" for p, t in named if t not in defined[p])
+    assert not missing, f"docs/faults.md names tests that do not exist: {missing}"
+    tests = {t for t in defined["tests/test_faults.py"] if t.startswith("test_")}
+    tests.discard("test_the_fault_catalogue_lists_real_tests")
+    unlisted = sorted(tests - {t for p, t in named if p == "tests/test_faults.py"})
+    assert not unlisted, f"tests/test_faults.py tests missing from docs/faults.md: {unlisted}"

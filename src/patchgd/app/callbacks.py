@@ -46,6 +46,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(target, lambda handle: torch.save(checkpoint, handle))
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that recognises its own folder however the path was spelled.
+
+    Lightning restores the best score and files on resume only when the checkpoint's folder
+    string equals the new one; a run resumed in place by an absolute ``--ckpt_path`` spells the
+    same folder differently (``runs/...`` against ``/home/.../runs/...``) and would lose them.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints written before this class still resume.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and Path(saved).resolve() == Path(self.dirpath).resolve():
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
+
+
 def peak_memory_bytes() -> dict[str, int]:
     """Peak memory so far: CUDA allocator peak when on a GPU, and the process's peak RSS."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -142,6 +162,14 @@ class RunSummary(Callback):
                 **_memory_plan(pl_module),
             },
         )
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The logs reach disk with every checkpoint: a run killed later and resumed from it
+        # keeps every row up to it (the loggers otherwise flush every 100 steps).
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

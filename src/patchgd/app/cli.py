@@ -10,25 +10,38 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from .._io import remove_stale_temps
 from ..errors import ConfigError, PatchGDError
 from ..planner import parse_size, plan_classifier
-from .callbacks import STALE_CHECKPOINT_TEMPS, PredictionWriter, RunSummary, TrainingCurves
+from .callbacks import (
+    STALE_CHECKPOINT_TEMPS,
+    PredictionWriter,
+    RunCheckpoint,
+    RunSummary,
+    TrainingCurves,
+)
+from .runs import (
+    default_loggers,
+    kept_metrics,
+    restore_metrics,
+    route_to_root,
+    route_to_run,
+    run_folder_of,
+)
 from .task import PatchGDTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEFAULT_RUNS = "runs"  # where runs go unless --trainer.default_root_dir says otherwise
 
 
 def trainer_defaults() -> dict[str, Any]:
     """Trainer defaults every run gets: best and last checkpoints, summary, curves, loggers."""
     return {
         "callbacks": [
-            ModelCheckpoint(  # the best epoch by validation accuracy
+            RunCheckpoint(  # the best epoch by validation accuracy
                 monitor="val/acc",
                 mode="max",
                 filename="best-epoch{epoch:03d}",
@@ -36,23 +49,14 @@ def trainer_defaults() -> dict[str, Any]:
             ),
             # Every epoch, whatever the metric, for resuming: Lightning's own save_last only
             # writes when a monitored checkpoint was saved at the same step.
-            ModelCheckpoint(
+            RunCheckpoint(
                 filename="last", enable_version_counter=False, save_on_train_epoch_end=True
             ),
             RunSummary(),
             TrainingCurves(),
             PredictionWriter(),
         ],
-        "logger": [
-            {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": DEFAULT_RUNS},
-            },
-            {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": DEFAULT_RUNS, "name": "tensorboard"},
-            },
-        ],
+        "logger": default_loggers(),
         # By class path, so the saved config.yaml can be read back by validate/test/predict.
         "plugins": [{"class_path": "patchgd.app.callbacks.AtomicCheckpointIO"}],
     }
@@ -73,16 +77,23 @@ class PatchGDCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """With ``--trainer.default_root_dir``, the default loggers write there, not in ./runs."""
+        """Route the default loggers: to ``--trainer.default_root_dir``, and for ``fit`` from a
+        checkpoint of a run folder, back into that folder (so the best checkpoint carries on)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
-        if not root or not isinstance(loggers, list):
-            return
-        for logger in loggers:
-            args = getattr(logger, "init_args", None)
-            if args is not None and args.get("save_dir") == DEFAULT_RUNS:
-                args.save_dir = str(root)
+        loggers = config.trainer.get("logger")
+        path = config.get("ckpt_path")
+        run = run_folder_of(path) if self.subcommand == "fit" and _is_file_path(path) else None
+        self._resumed_run: tuple[list[str], list[dict[str, str]]] | None = None
+        if run is not None and route_to_run(loggers, run):
+            self._resumed_run = kept_metrics(run, *self._checkpoint_at)
+            rank_zero_info(f"resuming in {run}")
+        else:
+            route_to_root(loggers, config.trainer.get("default_root_dir"))
+
+    def after_instantiate_classes(self) -> None:
+        csv_logger = next((x for x in self.trainer.loggers if isinstance(x, CSVLogger)), None)
+        if self._resumed_run is not None and csv_logger is not None:
+            restore_metrics(csv_logger, *self._resumed_run)
 
     def before_fit(self) -> None:
         self._apply_budget(plan=True)
@@ -105,10 +116,11 @@ class PatchGDCLI(LightningCLI):
         """Refuse a ``--ckpt_path`` that is not a readable checkpoint, in one line naming it."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path is None or path in ("best", "last", "hpc", "registry") or "://" in str(path):
+        if not _is_file_path(path):
             return
         try:  # memory-mapped: the tensors are not read, only the file's structure
-            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            self._checkpoint_at = (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0))
         except Exception as err:  # noqa: BLE001 - any failure means the same to the user
             reason = " ".join(str(err).split()) or type(err).__name__
             raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({reason})") from err
@@ -153,6 +165,12 @@ class PatchGDCLI(LightningCLI):
         for key, value in run_plan.config_changes.items():
             config[key] = value  # the saved config.yaml reruns the plan
         rank_zero_info(f"memory plan: {run_plan.description}")
+
+
+def _is_file_path(ckpt_path: Any) -> bool:
+    """Whether ``--ckpt_path`` names a local file (not "best", "last", or a remote URL)."""
+    special = ("best", "last", "hpc", "registry")
+    return bool(ckpt_path) and ckpt_path not in special and "://" not in str(ckpt_path)
 
 
 def run_lightning(argv: Sequence[str]) -> LightningCLI:
