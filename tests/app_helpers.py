@@ -70,3 +70,15 @@ class KillDuringCheckpointWrite(AtomicCheckpointIO):
 
             atomic_write(Path(path), half_then_die)
         super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class InterruptAt(Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) after training batch ``batch`` of epoch
+    ``epoch``."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt

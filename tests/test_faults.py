@@ -221,3 +221,19 @@ def test_the_fault_catalogue_lists_real_tests():
     tests.discard("test_the_fault_catalogue_lists_real_tests")
     unlisted = sorted(tests - {t for p, t in named if p == "tests/test_faults.py"})
     assert not unlisted, f"tests/test_faults.py tests missing from docs/faults.md: {unlisted}"
+
+
+def test_an_interrupted_run_is_marked_interrupted_in_its_summary(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    interrupt = tmp_path / "interrupt.yaml"
+    interrupt.write_text(
+        "trainer:\n  callbacks:\n    - class_path: app_helpers.InterruptAt\n"
+        "      init_args: {epoch: 1, batch: 2}\n"
+    )
+    args = ["fit", "--config", str(TINY), "--config", str(interrupt)]
+    with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits 1
+        main([*args, "--trainer.max_epochs", "2", "--model.warmup_epochs", "0.4"])
+    status = json.loads((run_dir(tmp_path) / "summary.json").read_text())["status"]
+    assert status["state"] == "interrupted" and status["epoch"] == 1
+    last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
