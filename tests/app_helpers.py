@@ -23,6 +23,16 @@ def run_dir(base: Path, version: int = 0) -> Path:
     return base / "runs" / "lightning_logs" / f"version_{version}"
 
 
+def trainer_config(folder: Path, key: str, class_path: str, **init_args: int) -> Path:
+    """A config file that gives the trainer one object by class path under ``key``
+    (``"callbacks"`` or ``"plugins"``), e.g. to kill or interrupt a run at a chosen point."""
+    path = folder / f"{class_path.rsplit('.', 1)[-1]}.yaml"
+    args = ", ".join(f"{name}: {value}" for name, value in init_args.items())
+    entry = f"    - class_path: {class_path}\n      init_args: {{{args}}}\n"
+    path.write_text(f"trainer:\n  {key}:\n{entry}")
+    return path
+
+
 def fit_in_subprocess(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     """``patchgd fit`` of the tiny config for 3 epochs in a child process (which may be killed),
     with this folder importable for class paths."""

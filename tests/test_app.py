@@ -13,6 +13,7 @@ import torch
 
 from app_helpers import fit_in_subprocess as _fit
 from app_helpers import run_dir as _run_dir
+from app_helpers import trainer_config
 from images import tiny_ultramnist_args
 from patchgd.cli import main
 
@@ -98,11 +99,7 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_pat
     straight.mkdir(), killed.mkdir()
     assert _fit(straight).returncode == 0
 
-    kill = killed / "kill.yaml"
-    kill.write_text(
-        "trainer:\n  callbacks:\n    - class_path: app_helpers.KillAt\n"
-        "      init_args: {epoch: 1, batch: 2}\n"
-    )
+    kill = trainer_config(killed, "callbacks", "app_helpers.KillAt", epoch=1, batch=2)
     died = _fit(killed, "--config", str(kill))
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     last = _run_dir(killed) / "checkpoints" / "last.ckpt"

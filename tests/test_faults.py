@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from app_helpers import TINY, fit_in_subprocess, run_dir
+from app_helpers import TINY, fit_in_subprocess, run_dir, trainer_config
 from images import tiny_ultramnist_args
 from patchgd import PatchGDClassifier
 from patchgd.app.task import PatchGDTask, nonfinite_as_wrong
@@ -129,11 +129,7 @@ def test_a_bad_checkpoint_path_is_one_line_naming_it(command, tmp_path, monkeypa
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_and_resume_removes_the_temp(
     tmp_path,
 ):
-    kill = tmp_path / "kill.yaml"
-    kill.write_text(
-        "trainer:\n  plugins:\n    - class_path: app_helpers.KillDuringCheckpointWrite\n"
-        "      init_args: {epoch: 1}\n"
-    )
+    kill = trainer_config(tmp_path, "plugins", "app_helpers.KillDuringCheckpointWrite", epoch=1)
     died = fit_in_subprocess(tmp_path, "--config", str(kill))
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     folder = run_dir(tmp_path) / "checkpoints"
@@ -225,11 +221,7 @@ def test_the_fault_catalogue_lists_real_tests():
 
 def test_an_interrupted_run_is_marked_interrupted_in_its_summary(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    interrupt = tmp_path / "interrupt.yaml"
-    interrupt.write_text(
-        "trainer:\n  callbacks:\n    - class_path: app_helpers.InterruptAt\n"
-        "      init_args: {epoch: 1, batch: 2}\n"
-    )
+    interrupt = trainer_config(tmp_path, "callbacks", "app_helpers.InterruptAt", epoch=1, batch=2)
     args = ["fit", "--config", str(TINY), "--config", str(interrupt)]
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits 1
         main([*args, "--trainer.max_epochs", "2", "--model.warmup_epochs", "0.4"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def _umask() -> int:
@@ -32,6 +34,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_csv(path: str | os.PathLike[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write ``rows`` (the header first) as a CSV file, atomically."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    payload = text.getvalue().encode()
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def remove_stale_temps(folder: str | os.PathLike[str], pattern: str = ".*.tmp") -> list[Path]:

@@ -19,7 +19,7 @@ class DivergedError(PatchGDError, FloatingPointError):
     """Training produced non-finite gradients or weights; the message names the step."""
 
 
-def one_line(err: PatchGDError) -> str:
+def one_line(err: BaseException) -> str:
     """The error's message; for one re-raised from a DataLoader worker, whose message PyTorch
     replaces with the worker's whole traceback, the original message again."""
     text = str(err)

@@ -174,7 +174,7 @@ def plan_patchgd(
     device = torch.device(device)
     base = model if isinstance(model, PatchGDClassifier) else PatchGDClassifier(**model)
     work = copy.deepcopy(base)  # trial steps change weights and statistics: never the user's
-    in_chans = base.encoder.in_chans
+    in_chans = base.in_chans
     k, n = base.loop.patches_per_step, base.grid.num_patches
     chunk = min(base.chunk_for(device), n)
 
@@ -401,8 +401,6 @@ def plan_classifier(
     """
     budget = parse_size(budget)
     device = torch.device(device)
-    if batch_size < 1:
-        raise ConfigError(f"the largest batch must be at least 1, got {batch_size}")
     if isinstance(classifier, PatchGDClassifier):
         plan = plan_patchgd(
             classifier, budget, device=device, max_batch=batch_size, lazy=lazy, log=log
@@ -418,7 +416,7 @@ def plan_classifier(
         peak, text = plan.peak_bytes, str(plan)
     else:
         size = _source_side(classifier)
-        in_chans = _in_chans(classifier)
+        in_chans = classifier.in_chans
         if isinstance(classifier, DownscaledGDClassifier):
             if rebuild is None:
                 raise ConfigError("planning downscaled GD needs rebuild(input_size)")
@@ -470,13 +468,6 @@ def _source_side(classifier: Classifier) -> int:
     if size[0] != size[1]:
         raise ConfigError(f"the memory planner plans square images; the model takes {size}")
     return int(size[0])
-
-
-def _in_chans(classifier: Classifier) -> int:
-    for module in classifier.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            return module.in_channels
-    raise ConfigError(f"cannot tell the input channels of {type(classifier).__name__}")
 
 
 def cap_cuda_memory(budget: int, device: torch.device) -> float | None:

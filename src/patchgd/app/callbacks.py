@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import resource
 import sys
@@ -18,7 +17,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .._io import atomic_write, remove_stale_temps
+from .._io import atomic_write, atomic_write_csv, remove_stale_temps
+from ..errors import one_line
 
 #: The temp files of checkpoints that :func:`~patchgd._io.atomic_write` was killed writing.
 STALE_CHECKPOINT_TEMPS = ".*.ckpt.*.tmp"
@@ -185,7 +185,7 @@ class RunSummary(Callback):
             {
                 "state": "interrupted" if interrupted else "failed",
                 "stage": str(trainer.state.fn.value if trainer.state.fn else None),
-                "error": " ".join(str(exception).split()) or type(exception).__name__,
+                "error": " ".join(one_line(exception).split()) or type(exception).__name__,
                 "epoch": trainer.current_epoch,
                 "seconds_per_epoch": self.epoch_seconds,
             },
@@ -272,9 +272,9 @@ class PredictionWriter(BasePredictionWriter):
             [image_id, int(p.argmax())] + [f"{v:.6f}" for v in p.tolist()]
             for image_id, p in zip(ids, probs, strict=True)
         ]
-        _write_csv(out / "predictions.csv", rows)
+        atomic_write_csv(out / "predictions.csv", rows)
         if skipped:
-            _write_csv(out / "skipped.csv", [["image", "reason"], *skipped])
+            atomic_write_csv(out / "skipped.csv", [["image", "reason"], *skipped])
             rank_zero_warn(
                 f"predict: {len(skipped)} of {len(ids) + len(skipped)} images skipped as "
                 f"unreadable, listed in {out / 'skipped.csv'}"
@@ -285,13 +285,6 @@ class PredictionWriter(BasePredictionWriter):
             grid = getattr(pl_module.classifier, "grid", None)
             heatmaps = zip(positions, ids, torch.cat(norms).cpu(), strict=True)
             _write_heatmaps(out / "heatmaps", heatmaps, dataset, grid)
-
-
-def _write_csv(path: Path, rows: list[list[Any]]) -> None:
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows(rows)
-    payload = text.getvalue().encode()
-    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def _write_heatmaps(

@@ -9,13 +9,12 @@ so a resumed run in a new folder could keep a different "best" than the uninterr
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
 
-from .._io import atomic_write
+from .._io import atomic_write_csv
 
 #: Where runs go unless ``--trainer.default_root_dir`` says otherwise.
 DEFAULT_RUNS = "runs"
@@ -104,10 +103,6 @@ def restore_metrics(logger: CSVLogger, header: list[str], rows: list[dict[str, s
     if not header or not hasattr(writer, "metrics_file_path"):  # nothing kept, or not rank 0
         return
     header = sorted(header)  # the writer's own column order
-    text = io.StringIO(newline="")
-    table = csv.DictWriter(text, fieldnames=header)
-    table.writeheader()
-    table.writerows(rows)
-    payload = text.getvalue().encode()
-    atomic_write(writer.metrics_file_path, lambda handle: handle.write(payload))
+    table = [header, *([row.get(key, "") for key in header] for row in rows)]
+    atomic_write_csv(writer.metrics_file_path, table)
     writer.metrics_keys = header
