@@ -139,10 +139,6 @@ def test_ranks_stay_identical_when_gradients_accumulate_between_syncs(accumulati
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
 
 
-# Marked slow: ddp_spawn workers of these two tests sometimes abort at exit, after training
-# finished ("terminate called without an active exception" in rank 1), which fails the test
-# run although the checked property held. Run them with `pytest -m slow`.
-@pytest.mark.slow
 def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, monkeypatch):
     """The run-folder callbacks read trainer.log_dir, which broadcasts: every rank must call it."""
     import json
@@ -198,10 +194,6 @@ def _count_all_reduces(accumulation: int | None, tmp_path) -> int:
     return counts.pop()
 
 
-# Marked slow: ddp_spawn workers of these two tests sometimes abort at exit, after training
-# finished ("terminate called without an active exception" in rank 1), which fails the test
-# run although the checked property held. Run them with `pytest -m slow`.
-@pytest.mark.slow
 def test_gradients_are_all_reduced_once_per_optimizer_step_not_per_inner_iteration(tmp_path):
     """2 batches per rank, ζ = 4 inner iterations: ε = 4, 2, 1 make 1, 2, 4 optimizer steps per
     batch, and the all-reduces must scale with the steps (not stay at 4 per batch)."""

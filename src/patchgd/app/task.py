@@ -9,6 +9,7 @@ advancing the learning-rate schedule once per optimizer step.
 
 from __future__ import annotations
 
+import atexit
 import random
 import time
 from collections.abc import Callable
@@ -42,6 +43,24 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy this process's process group when the interpreter exits, while it still runs.
+
+    Lightning does so for NCCL only. A gloo group left to the interpreter's finalisation can
+    abort the process ("terminate called without an active exception"): its C++ threads may
+    still hold tensors with Python references when the interpreter is torn down
+    (pytorch/pytorch#179291, #190489). Unregistering first keeps one registration per process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_destroy_process_group)
+        atexit.register(_destroy_process_group)
 
 
 class PatchGDTask(L.LightningModule):
@@ -112,7 +131,9 @@ class PatchGDTask(L.LightningModule):
 
     # -- checks before any work -------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse data that does not fit the model, before the first batch; cap CUDA memory."""
+        """Refuse data that does not fit the model, before the first batch; cap CUDA memory;
+        have a distributed process destroy its process group before it exits."""
+        _destroy_process_group_at_exit()
         if self.memory_budget is not None and self._trainer is not None:
             cap_cuda_memory(self.memory_budget, self.trainer.strategy.root_device)
         data = self.trainer.datamodule if self._trainer is not None else None
