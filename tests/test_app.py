@@ -406,8 +406,8 @@ data:
     run = _run_dir(tmp_path)
     fit = json.loads((run / "summary.json").read_text())["fit"]
     assert fit["epochs"] == 2 and 0.0 <= fit["final_metrics"]["val/acc"] <= 1.0
-    # one cached mask per training slide: only training samples patches
-    assert len(list((tmp_path / "masks").glob("*.npz"))) == 4
+    # one cached mask per slide trained or validated on: the fill of both encodes tissue only
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 5
     assert (
         main(
             [
@@ -420,6 +420,7 @@ data:
         )
         == 0
     )
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 6  # the test slide's too
 
 
 def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, monkeypatch, capsys):

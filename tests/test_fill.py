@@ -149,3 +149,72 @@ def test_encoder_projects_any_backbone_family_to_latent_dim(backbone):
     encoder = PatchEncoder(backbone, 32, latent_dim=12).eval()
     with torch.no_grad():
         assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 12)
+
+
+def _counting(encoder):
+    seen: list[int] = []
+    encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_a_candidate_fill_encodes_only_candidates_and_gives_the_rest_the_blank_patchs_embedding(
+    chunk,
+):
+    encoder = TinyEncoder().double()
+    seen = _counting(encoder)
+    grid = PatchGrid((50, 50), 16, 12, pad_value=0.25)  # 4 × 4, overlapping and padded
+    images = torch.randn(3, 3, 50, 50, dtype=torch.float64)
+    candidates = torch.rand(3, grid.num_patches, generator=torch.Generator().manual_seed(1)) < 0.3
+    candidates[2] = False  # an image without tissue: all of its Z is background
+    z = fill_z(encoder, images, grid, chunk=chunk, candidates=candidates)
+    # Candidates plus one blank patch per image, the blanks in the first call only.
+    assert sum(seen) == int(candidates.sum()) + 3 and max(seen) <= chunk + 3
+    expected = reference_z(encoder, images, grid)
+    with torch.no_grad():
+        blank = encoder(torch.full((1, 3, 16, 16), 0.25, dtype=torch.float64))[0]
+    kept = candidates.view(3, 1, grid.rows, grid.cols).expand_as(z)
+    torch.testing.assert_close(z[kept], expected[kept], rtol=1e-10, atol=1e-12)
+    background = z.permute(0, 2, 3, 1)[~candidates.view(3, grid.rows, grid.cols)]
+    torch.testing.assert_close(background, blank.expand_as(background), rtol=1e-10, atol=1e-12)
+
+
+def test_a_candidate_fill_with_every_patch_a_candidate_equals_the_full_fill():
+    encoder = TinyEncoder().double()
+    grid = PatchGrid((50, 50), 16, 12)
+    images = torch.randn(2, 3, 50, 50, dtype=torch.float64)
+    every = torch.ones(2, grid.num_patches, dtype=torch.bool)
+    torch.testing.assert_close(
+        fill_z(encoder, images, grid, chunk=5, candidates=every), fill_z(encoder, images, grid)
+    )
+
+
+def test_candidates_and_skip_together_encode_only_unskipped_candidates():
+    encoder = TinyEncoder().double()
+    seen = _counting(encoder)
+    grid = PatchGrid(64, 16)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[:, :6] = True
+    skip = torch.zeros(2, 16, dtype=torch.bool)
+    skip[:, :2] = True  # the first inner iteration's patches: candidates the step re-encodes
+    z = fill_z(encoder, images, grid, chunk=100, skip=skip, candidates=candidates)
+    assert seen == [2 + 2 * 4]
+    expected = reference_z(encoder, images, grid)
+    torch.testing.assert_close(z[:, :, 0, 2:6], expected[:, :, 0, 2:6], rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_fill_normalises_the_blank_patch_with_the_first_chunk():
+    """Under "batch" norm a blank patch is normalised with the statistics of the chunk it is
+    encoded with, as a background patch of a full fill would be: here, the first chunk."""
+    encoder = PatchEncoder("test_resnet", 32, latent_dim=8).double().train()
+    grid = PatchGrid(64, 32)
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64) * 5 + 2
+    candidates = torch.tensor([[True, True, False, True]])
+    z = fill_z(encoder, images, grid, chunk=4, norm="batch", candidates=candidates)
+    patches = grid.extract(images)[0].reshape(4, 3, 32, 32)
+    with torch.no_grad(), fill_mode(encoder, "batch"):
+        expected = encoder(torch.cat([torch.zeros(1, 3, 32, 32).double(), patches[[0, 1, 3]]]))
+    flat = z[0].permute(1, 2, 0).reshape(4, -1)
+    torch.testing.assert_close(flat[[0, 1, 3]], expected[1:])
+    torch.testing.assert_close(flat[2], expected[0])

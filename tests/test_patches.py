@@ -45,6 +45,10 @@ class SlicingPatches:
         for part in ids.split(chunk):
             yield part, self.gather(part // n, part % n)
 
+    def blank(self, image_index):
+        p = self.grid.patch_size
+        return torch.full((len(image_index), self.images.shape[1], p, p), self.grid.pad_value)
+
 
 def test_tensor_patches_chunks_cover_every_patch_once_in_balanced_chunks():
     grid = PatchGrid((40, 56), 16, 12)

@@ -253,6 +253,56 @@ def test_default_inner_steps_follow_the_candidates_and_visit_each_once():
         assert sorted(visited) == candidates[b].nonzero().flatten().tolist()
 
 
+def test_with_candidates_the_gradient_is_that_of_candidates_over_a_background_z():
+    """ε = ζ, every candidate visited once, no BatchNorm: the step's head gradient equals that
+    of a model whose Z holds the encoded candidates (with gradients) and, elsewhere, the
+    encoder's output on a blank patch (a constant); the encoder's is that divided by ε."""
+    torch.manual_seed(0)
+    grid = PatchGrid(64, 16, pad_value=0.5)  # 16 patches
+    encoder = TinyEncoder(latent_dim=4).double()
+    head = LatentHead(4, 3, grid.shape, width=8, norm="none", dropout=0.0).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    targets = torch.tensor([0, 2])
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[0, [0, 5, 6, 10]] = True
+    candidates[1, [3, 15]] = True
+
+    # Reference: Z built patch by patch, background from one blank patch, detached.
+    with torch.no_grad():
+        blank = encoder(torch.full((1, 3, 16, 16), 0.5, dtype=torch.float64))[0]
+    patches = grid.extract(images).reshape(2, 16, 3, 16, 16)
+    rows = [
+        [encoder(patches[b, i : i + 1])[0] if candidates[b, i] else blank for i in range(16)]
+        for b in range(2)
+    ]
+    z = torch.stack([torch.stack(r) for r in rows]).view(2, 4, 4, 4).permute(0, 3, 1, 2)
+    F.cross_entropy(head(z), targets).backward()
+    expected_head, expected_encoder = _grads(head), _grads(encoder)
+    head.zero_grad()
+    encoder.zero_grad()
+
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    result = train_step(
+        encoder,
+        head,
+        grid,
+        images,
+        targets,
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+        InnerLoopConfig(patches_per_step=1, max_visit_fraction=1.0),
+        RandomPatchSampler(0),
+        candidates=candidates,
+        hooks=StepHooks(
+            optimizer_step=lambda: captured.update(head=_grads(head), encoder=_grads(encoder))
+        ),
+    )
+    eps = len(result.plan)
+    assert eps == 4 and result.optimizer_steps == 1
+    assert _max_rel_error(captured["head"], expected_head) < 1e-10
+    scaled = {n: g * eps for n, g in captured["encoder"].items()}
+    assert _max_rel_error(scaled, expected_encoder) < 1e-10
+
+
 def test_running_statistics_count_exactly_the_inner_iterations():
     """The fill must not touch BatchNorm statistics: only the ζ gradient passes count."""
     model = PatchGDClassifier(

@@ -168,6 +168,7 @@ def fill_z(
     norm: FillNorm = "batch",
     skip: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 2: encode every patch of every image, without gradients, into Z.
 
@@ -187,13 +188,27 @@ def fill_z(
             patch must be encoded.
         dtype: run the encoder under autocast to this dtype (``torch.bfloat16``) and store Z
             in float32; ``None`` runs it as the caller's context says.
+        candidates: optional ``(B, rows·cols)`` boolean mask of the patches worth encoding (e.g.
+            tissue). Only these are encoded; every other entry of an image's Z is its
+            *background embedding*, the encoder's output on one blank patch of the image's
+            padding colour (:meth:`~patchgd.patches.PatchProvider.blank`). The blank patches
+            are encoded with the first chunk (so under ``"batch"`` norm they are normalised
+            as a background patch of a full fill would be), which makes that call B patches
+            larger.
 
     Returns:
         Z of shape ``(B, D, rows, cols)``; ``Z[b, :, r, c]`` encodes patch ``(r, c)`` of image b.
     """
     patches = as_patches(images, grid)
-    b = patches.batch_size
-    wanted = None if skip is None else (~skip).flatten().nonzero().squeeze(1)
+    b, n = patches.batch_size, grid.num_patches
+    encode = None
+    if candidates is not None:
+        encode = candidates.reshape(b, n).to(device="cpu", dtype=torch.bool)
+    if skip is not None:
+        skip = skip.to(device="cpu", dtype=torch.bool)
+        encode = ~skip if encode is None else encode & ~skip
+    wanted = None if encode is None else encode.flatten().nonzero().squeeze(1)
+    blanks = None if candidates is None else patches.blank(torch.arange(b))
     # One autocast region for the whole fill: the weights are cast once, not once per chunk.
     cast = (
         nullcontext()
@@ -202,13 +217,20 @@ def fill_z(
     )
     z_flat: Tensor | None = None
     with torch.no_grad(), fill_mode(encoder, norm), cast:
-        for ids, part in patches.chunks(chunk, wanted):
-            emb = encoder(part)
+        parts = patches.chunks(chunk, wanted)
+        if blanks is not None and not len(wanted):  # no candidate anywhere: Z is background
+            parts = iter([(wanted, blanks[:0])])
+        for ids, part in parts:
+            first_with_blanks = z_flat is None and blanks is not None
+            emb = encoder(torch.cat([blanks, part]) if first_with_blanks else part)
             if dtype is not None:
                 emb = emb.float()
-            if z_flat is None:
+            if first_with_blanks:  # every entry starts as its image's background
+                background, emb = emb[:b], emb[b:]
+                z_flat = background.repeat_interleave(n, dim=0)
+            elif z_flat is None:
                 make = emb.new_empty if skip is None else emb.new_zeros
-                z_flat = make(b * grid.num_patches, emb.shape[1])
+                z_flat = make(b * n, emb.shape[1])
             z_flat[ids.to(emb.device)] = emb
     if z_flat is None:
         raise ConfigError("fill_z: skip leaves no patch to encode")
@@ -292,7 +314,9 @@ def train_step(
 ) -> StepResult:
     """Algorithm 1: one PatchGD iteration on a batch, with ceil(ζ/ε) optimizer steps.
 
-    1. Fill Z for every image with the current encoder, without gradients (Algorithm 2).
+    1. Fill Z for every image with the current encoder, without gradients (Algorithm 2);
+       with ``candidates``, only candidate patches are encoded and the rest of Z holds each
+       image's background embedding (:func:`fill_z`), and only candidates are sampled.
     2. For each inner iteration j = 1..ζ: sample k patches per image; re-encode them with
        gradients; write them into a detached copy of Z, so the graph spans only these k·B
        patches; run the head on all of Z; back-propagate the loss scaled by 1/|group|.
@@ -337,7 +361,14 @@ def train_step(
     else:
         with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
             z = fill_z(
-                encoder, patches, grid, fill_chunk, fill_norm, first_visits(plan, n), fill_dtype
+                encoder,
+                patches,
+                grid,
+                fill_chunk,
+                fill_norm,
+                first_visits(plan, n),
+                fill_dtype,
+                candidates,
             )
 
     losses: list[Tensor] = []
@@ -420,16 +451,21 @@ def infer(
     images: Tensor | PatchProvider,
     fill_chunk: int = 256,
     fill_dtype: torch.dtype | None = None,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Inference logits: fill Z and run the head once, both in eval mode.
 
     The modules are put in eval mode for the call (running BatchNorm statistics, no dropout)
-    and restored afterwards, so calling it mid-training changes nothing.
+    and restored afterwards, so calling it mid-training changes nothing. ``candidates`` as in
+    :func:`fill_z`: pass the mask the model trained with.
     """
     with keep_modes(encoder), keep_modes(head):
         encoder.eval()
         head.eval()
-        return head(fill_z(encoder, images, grid, fill_chunk, "running", dtype=fill_dtype))
+        z = fill_z(
+            encoder, images, grid, fill_chunk, "running", dtype=fill_dtype, candidates=candidates
+        )
+        return head(z)
 
 
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:

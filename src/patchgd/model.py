@@ -232,14 +232,32 @@ class PatchGDClassifier(Classifier):
             device = next(self.encoder.parameters()).device
         return default_fill_chunk(self.grid.patch_size, device)
 
-    def fill_z(self, images: Tensor | PatchProvider) -> Tensor:
-        """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``."""
+    def fill_z(self, images: Tensor | PatchProvider, candidates: Tensor | None = None) -> Tensor:
+        """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``.
+
+        With ``candidates`` only those patches are encoded (see :func:`patchgd.algorithm.fill_z`).
+        """
         return fill_z(
-            self.encoder, images, self.grid, self.chunk_for(), self.fill_norm, dtype=self.fill_dtype
+            self.encoder,
+            images,
+            self.grid,
+            self.chunk_for(),
+            self.fill_norm,
+            dtype=self.fill_dtype,
+            candidates=candidates,
         )
 
-    def forward(self, images: Tensor | PatchProvider) -> Tensor:
-        return infer(self.encoder, self.head, self.grid, images, self.chunk_for(), self.fill_dtype)
+    def forward(self, images: Tensor | PatchProvider, candidates: Tensor | None = None) -> Tensor:
+        """Logits in eval mode; pass the ``candidates`` the model trained with, if any."""
+        return infer(
+            self.encoder,
+            self.head,
+            self.grid,
+            images,
+            self.chunk_for(),
+            self.fill_dtype,
+            candidates=candidates,
+        )
 
     def training_step(
         self,
@@ -256,8 +274,9 @@ class PatchGDClassifier(Classifier):
 
         ``images`` is a ``(B, C, H, W)`` batch or a
         :class:`~patchgd.patches.PatchProvider` (images read lazily from disk).
-        ``candidates`` optionally restricts, per image, the positions the sampler may pick
-        (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches). ``keys`` name the images
+        ``candidates`` optionally restricts, per image, the positions the fill encodes and the
+        sampler may pick (a ``(B, rows·cols)`` boolean mask, e.g. tissue patches); the other
+        positions of Z hold the image's background embedding. ``keys`` name the images
         (e.g. their indices in the data set) for Z reuse (``z_refresh_every``).
         """
         cached = None if keys is None else self.latent_cache.lookup(keys)

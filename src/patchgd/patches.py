@@ -39,6 +39,11 @@ class PatchProvider(Protocol):
         """
         ...
 
+    def blank(self, image_index: Tensor) -> Tensor:
+        """One patch of background per entry of ``image_index``: the colour the images are
+        padded with, as ``(n, C, p, p)`` on the compute device."""
+        ...
+
 
 def balanced_chunks(
     ids: Tensor | int, chunk: int, device: torch.device | None = None
@@ -81,6 +86,11 @@ class TensorPatches:
         wanted = self.batch_size * n if ids is None else ids
         for part in balanced_chunks(wanted, chunk, self.view.device):
             yield part, self.grid.gather(self.view, part // n, part % n)
+
+    def blank(self, image_index: Tensor) -> Tensor:
+        _, c, _, _, p, _ = self.view.shape
+        fill = torch.as_tensor(self.grid.pad_value, dtype=self.view.dtype, device=self.view.device)
+        return fill.reshape(1, -1, 1, 1).expand(len(image_index), c, p, p).clone()
 
 
 def as_patches(images: Tensor | PatchProvider, grid: PatchGrid) -> PatchProvider:

@@ -107,6 +107,9 @@ class _RandomPatches:
         for part in balanced_chunks(wanted, chunk, self.device):
             yield part, self._patches(len(part))
 
+    def blank(self, image_index: Tensor) -> Tensor:
+        return self._patches(len(image_index))
+
 
 def measure_training_step(
     model: Any, images: Any, targets: Tensor, device: str | torch.device = "cpu"

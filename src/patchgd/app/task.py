@@ -218,9 +218,7 @@ class PatchGDTask(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
 
-        candidates = None
-        if isinstance(batch[0], list):  # lazy images: the sampler may skip background
-            candidates = self.trainer.datamodule.candidates(batch[0], self.classifier.grid)
+        candidates = self._candidates(batch)
         start = time.perf_counter()
         hooks = StepHooks(
             backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
@@ -250,7 +248,8 @@ class PatchGDTask(L.LightningModule):
         self.log("train/images_per_s", batch_size / seconds, prog_bar=True, batch_size=batch_size)
         if isinstance(self.classifier, PatchGDClassifier):
             patches = sum(int((p >= 0).sum()) for p in result.plan)
-            patches += batch_size * self.classifier.grid.num_patches  # the fill
+            grid_patches = batch_size * self.classifier.grid.num_patches
+            patches += grid_patches if candidates is None else int(candidates.sum())  # the fill
             self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
         self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
 
@@ -311,7 +310,9 @@ class PatchGDTask(L.LightningModule):
         self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str
     ) -> None:
         images, targets = self._prepare(batch)
-        logits = self.classifier(images).float()
+        candidates = self._candidates(batch)
+        extra = {} if candidates is None else {"candidates": candidates}
+        logits = self.classifier(images, **extra).float()
         self.log(
             f"{stage}/loss",
             F.cross_entropy(logits, targets),
@@ -392,6 +393,13 @@ class PatchGDTask(L.LightningModule):
             grid = self.classifier.grid
             return self.trainer.datamodule.patch_provider(images, grid, self.device), targets
         return self._to_memory_format(images), targets
+
+    def _candidates(self, batch: tuple[Any, Tensor]) -> Tensor | None:
+        """Lazy images' tissue patches (``None``: every patch): the only ones the fill encodes
+        and the sampler visits, in training and evaluation alike."""
+        if not isinstance(batch[0], list):
+            return None
+        return self.trainer.datamodule.candidates(batch[0], self.classifier.grid)
 
     def _to_memory_format(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last and isinstance(images, Tensor):

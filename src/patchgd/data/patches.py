@@ -49,6 +49,11 @@ class _PatchReader:
             top, left, bottom - top, right - left, fill=self.images[b].fill
         )
 
+    def blank(self, b: int) -> np.ndarray:
+        """A patch of image b's fill colour: a region read wholly past the image's corner."""
+        image, p = self.images[b], self.grid.patch_size
+        return self.source(b).read_region(*image.size, p, p, fill=image.fill)
+
     def read_many(self, image_index: Sequence[int], flat_index: Sequence[int]) -> np.ndarray:
         return np.stack([self.read(b, f) for b, f in zip(image_index, flat_index, strict=True)])
 
@@ -126,6 +131,10 @@ class SourcePatches:
         )
         for ids, patches in loader:
             yield ids, self._to_tensor(patches)
+
+    def blank(self, image_index: Tensor) -> Tensor:
+        blanks = np.stack([self.reader.blank(b) for b in image_index.tolist()])
+        return self._to_tensor(torch.from_numpy(blanks))
 
     def _to_tensor(self, patches: Tensor) -> Tensor:
         """uint8 ``(n, p, p, C)`` → float ``(n, C, p, p)`` on the device, normalised."""
