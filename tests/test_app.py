@@ -423,6 +423,21 @@ data:
     assert len(list((tmp_path / "masks").glob("*.npz"))) == 6  # the test slide's too
 
 
+def test_without_tissue_masks_lazy_candidates_leave_out_the_canvas_padding(tmp_path):
+    from patchgd import PatchGrid
+    from patchgd.app.data import ImageFolderDataModule
+    from patchgd.data.lazy import LazyImage
+
+    data = ImageFolderDataModule(str(tmp_path / "labels.csv"), mode="lazy", level=0)
+    grid = PatchGrid((128, 128), 32)
+    whole = [LazyImage("a", 0, (128, 128), (128, 128))] * 2
+    assert data.candidates(whole, grid) is None  # nothing to leave out: the plain fill
+    small = [LazyImage("a", 0, (128, 128), (128, 128)), LazyImage("b", 0, (64, 40), (128, 128))]
+    candidates = data.candidates(small, grid)
+    assert candidates[0].all()
+    assert candidates[1].view(4, 4).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
 def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, monkeypatch, capsys):
     from images import smooth_rgb, write_pyramid
 

@@ -20,7 +20,7 @@ from patchgd import (
     fill_z,
 )
 from patchgd.data.lazy import LazyImage
-from patchgd.data.patches import SourcePatches
+from patchgd.data.patches import SourcePatches, image_patches
 from reference import TinyEncoder, reference_patch
 
 
@@ -160,7 +160,27 @@ def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, 
     torch.testing.assert_close(
         source.gather(pick_images, pick_positions), expected.gather(pick_images, pick_positions)
     )
+    # A blank patch is the fill colour, normalised like any pixel: the grid's padding.
+    torch.testing.assert_close(
+        source.blank(torch.tensor([1, 0])), expected.blank(torch.tensor([1, 0]))
+    )
     source.close()
+
+
+def test_image_patches_are_those_that_overlap_the_image_not_only_its_canvas():
+    grid = PatchGrid((160, 176), 48, 40)
+    images = [
+        LazyImage("a", 0, (160, 176), (160, 176)),
+        LazyImage("b", 0, (41, 120), (160, 176)),
+        LazyImage("c", 0, (1, 1), (160, 176)),
+    ]
+    got = image_patches(images, grid)
+    for b, image in enumerate(images):
+        for flat in range(grid.num_patches):
+            top, left, _, _ = grid.box(*grid.position(flat))  # the slow way: box by box
+            overlaps = top < image.size[0] and left < image.size[1]
+            assert bool(got[b, flat]) == overlaps, (b, flat)
+    assert got[0].all() and got[2].sum() == 1
 
 
 def test_training_on_lazy_images_equals_training_on_the_decoded_batch(disk_images):

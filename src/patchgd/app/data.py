@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data.dataset import LargeImageDataset
 from ..data.finedetail import FineDetail, FineDetailConfig
 from ..data.lazy import LazyImage
-from ..data.patches import SourcePatches, collate_lazy
+from ..data.patches import SourcePatches, collate_lazy, image_patches
 from ..data.table import DEFAULT_EXTENSIONS, ImageTable, TableItem, read_table, stratified_folds
 from ..data.tissue import TissueMasks
 from ..data.ultramnist import UltraMNIST, UltraMNISTConfig
@@ -323,8 +323,12 @@ class ImageFolderDataModule(_Loaders):
         )
 
     def candidates(self, images: list[LazyImage], grid: PatchGrid) -> Tensor | None:
-        """Per image, the tissue patches the sampler may visit (``None``: every patch)."""
-        return None if self.masks is None else self.masks.candidates_batch(images, grid)
+        """Per image, the patches the fill encodes and the sampler visits: its tissue patches
+        with tissue masks, else those that overlap the image (``None``: every patch)."""
+        if self.masks is not None:
+            return self.masks.candidates_batch(images, grid)
+        inside = image_patches(images, grid)
+        return None if bool(inside.all()) else inside
 
     def _splits(self) -> dict[str, ImageTable]:
         if any(item.split is not None for item in self.table.items):

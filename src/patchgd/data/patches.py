@@ -28,6 +28,21 @@ def collate_lazy(batch: Sequence[tuple[LazyImage, int]]) -> tuple[list[LazyImage
     return list(images), torch.as_tensor(labels, dtype=torch.long)
 
 
+def image_patches(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
+    """``(B, rows · cols)`` bool: the patches that overlap each image, not its canvas padding.
+
+    On a common canvas a small image's grid is mostly padding; as ``candidates`` this keeps the
+    fill and the sampler off the patches that hold nothing but the fill colour.
+    """
+    tops = torch.arange(grid.rows) * grid.step
+    lefts = torch.arange(grid.cols) * grid.step
+    rows = [
+        ((tops[:, None] < image.size[0]) & (lefts[None, :] < image.size[1])).flatten()
+        for image in images
+    ]
+    return torch.stack(rows) if rows else torch.zeros(0, grid.num_patches, dtype=torch.bool)
+
+
 class _PatchReader:
     """Reads patch ``(b, flat)`` of ``images`` as uint8 ``(p, p, C)``; opens each file once."""
 
