@@ -218,3 +218,20 @@ def test_a_batch_fill_normalises_the_blank_patch_with_the_first_chunk():
     flat = z[0].permute(1, 2, 0).reshape(4, -1)
     torch.testing.assert_close(flat[[0, 1, 3]], expected[1:])
     torch.testing.assert_close(flat[2], expected[0])
+
+
+def test_a_model_infers_with_the_candidates_it_trained_with():
+    from patchgd import PatchGDClassifier
+
+    torch.manual_seed(0)
+    model = PatchGDClassifier("test_resnet", 3, 64, 16, latent_dim=8).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    candidates = torch.rand(2, 16, generator=torch.Generator().manual_seed(2)) < 0.4
+    model.eval()
+    with torch.no_grad():
+        z = fill_z(model.encoder, images, model.grid, chunk=3, candidates=candidates)
+        expected = model.head(z)
+    model.train()  # inference switches to eval mode by itself and restores the mode
+    torch.testing.assert_close(model(images, candidates=candidates), expected)
+    assert model.training
+    assert not torch.allclose(model(images), expected)  # the mask changes Z, hence the logits
