@@ -202,6 +202,45 @@ def test_candidates_and_skip_together_encode_only_unskipped_candidates():
     assert seen == [2 + 2 * 4]
     expected = reference_z(encoder, images, grid)
     torch.testing.assert_close(z[:, :, 0, 2:6], expected[:, :, 0, 2:6], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        blank = encoder(torch.zeros(1, 3, 16, 16, dtype=torch.float64))[0]
+    rest = z.flatten(2)[:, :, 6:].permute(0, 2, 1)  # positions 6..15: background
+    torch.testing.assert_close(rest, blank.expand_as(rest), rtol=1e-10, atol=1e-12)
+
+
+def test_candidates_must_match_the_batch_and_grid():
+    grid = PatchGrid(64, 16)
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ConfigError, match=r"candidates must have shape \(2, 16\)"):
+        fill_z(TinyEncoder(), images, grid, candidates=torch.ones(4, 8, dtype=torch.bool))
+
+
+def test_a_recalibration_with_candidates_sees_what_inference_encodes():
+    from patchgd import PatchGDClassifier
+    from patchgd.batchnorm import recalibrating
+
+    torch.manual_seed(0)
+    model = PatchGDClassifier("test_resnet", 3, 64, 16, latent_dim=8, fill_chunk=100).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(4)) < 0.5
+    reference = PatchGDClassifier("test_resnet", 3, 64, 16, latent_dim=8).double()
+    reference.load_state_dict(model.state_dict())
+    model.recalibrate_batchnorm([images], candidates=[mask])
+    # The slow way: one call on the two blank patches and the candidates, in fill order.
+    patches = model.grid.extract(images).reshape(32, 3, 16, 16)
+    blanks = torch.zeros(2, 3, 16, 16, dtype=torch.float64)
+    reference.train()
+    with recalibrating(reference.encoder):
+        reference.encoder(torch.cat([blanks, patches[mask.flatten()]]))
+    got, want = model.encoder.state_dict(), reference.encoder.state_dict()
+    stats = [k for k in want if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
+    unmasked = PatchGDClassifier("test_resnet", 3, 64, 16, latent_dim=8, fill_chunk=100).double()
+    unmasked.load_state_dict(reference.state_dict())
+    unmasked.recalibrate_batchnorm([images])
+    assert not torch.allclose(unmasked.encoder.state_dict()[stats[0]], got[stats[0]])
 
 
 def test_a_batch_fill_normalises_the_blank_patch_with_the_first_chunk():

@@ -303,6 +303,33 @@ def test_with_candidates_the_gradient_is_that_of_candidates_over_a_background_z(
     assert _max_rel_error(scaled, expected_encoder) < 1e-10
 
 
+def test_when_the_first_iteration_visits_every_candidate_the_fill_still_encodes_them():
+    """Fewer candidates than k: skipping the first iteration's patches would leave the fill
+    the blank patches alone, normalised by themselves; the fill encodes the candidates too."""
+    grid = PatchGrid(64, 16)
+    encoder = TinyEncoder(latent_dim=4)
+    filled: list[int] = []
+    encoder.register_forward_hook(
+        lambda m, args, out: None if torch.is_grad_enabled() else filled.append(len(args[0]))
+    )
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[:, [1, 4, 9]] = True
+    head = LatentHead(4, 3, grid.shape, width=8, norm="none")
+    train_step(
+        encoder,
+        head,
+        grid,
+        torch.randn(2, 3, 64, 64),
+        torch.tensor([0, 1]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+        InnerLoopConfig(patches_per_step=4),
+        RandomPatchSampler(0),
+        candidates=candidates,
+    )
+    assert filled == [2 + 6]  # two blank patches and the six candidates
+    assert first_visits([torch.tensor([[1, 4, 9], [9, 1, 4]])], 16, candidates) is None
+
+
 def test_running_statistics_count_exactly_the_inner_iterations():
     """The fill must not touch BatchNorm statistics: only the ζ gradient passes count."""
     model = PatchGDClassifier(

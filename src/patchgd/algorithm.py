@@ -165,7 +165,7 @@ def fill_z(
     images: Tensor | PatchProvider,
     grid: PatchGrid,
     chunk: int = 256,
-    norm: FillNorm = "batch",
+    norm: FillNorm | None = "batch",
     skip: Tensor | None = None,
     dtype: torch.dtype | None = None,
     candidates: Tensor | None = None,
@@ -182,7 +182,8 @@ def fill_z(
             :class:`~patchgd.patches.PatchProvider` (e.g. images read lazily from disk).
         grid: the patch geometry.
         chunk: largest number of patches encoded at once (the fill's memory knob).
-        norm: how BatchNorm normalises during the fill; see :func:`fill_mode`.
+        norm: how BatchNorm normalises during the fill; see :func:`fill_mode`. ``None``
+            leaves the encoder's modes as the caller set them (BatchNorm recalibration).
         skip: optional ``(B, rows·cols)`` boolean mask of patches not to encode, whose entries
             of Z are left zero: patches the caller overwrites before Z is read. At least one
             patch must be encoded.
@@ -203,7 +204,9 @@ def fill_z(
     b, n = patches.batch_size, grid.num_patches
     encode = None
     if candidates is not None:
-        encode = candidates.reshape(b, n).to(device="cpu", dtype=torch.bool)
+        if tuple(candidates.shape) != (b, n):
+            raise ConfigError(f"candidates must have shape {(b, n)}, got {tuple(candidates.shape)}")
+        encode = candidates.to(device="cpu", dtype=torch.bool)
     if skip is not None:
         skip = skip.to(device="cpu", dtype=torch.bool)
         encode = ~skip if encode is None else encode & ~skip
@@ -216,7 +219,8 @@ def fill_z(
         else torch.autocast(next(encoder.parameters()).device.type, dtype=dtype)
     )
     z_flat: Tensor | None = None
-    with torch.no_grad(), fill_mode(encoder, norm), cast:
+    modes = nullcontext() if norm is None else fill_mode(encoder, norm)
+    with torch.no_grad(), modes, cast:
         parts = patches.chunks(chunk, wanted)
         if blanks is not None and not len(wanted):  # no candidate anywhere: Z is background
             parts = iter([(wanted, blanks[:0])])
@@ -366,7 +370,7 @@ def train_step(
                 grid,
                 fill_chunk,
                 fill_norm,
-                first_visits(plan, n),
+                first_visits(plan, n, candidates),
                 fill_dtype,
                 candidates,
             )
@@ -405,18 +409,22 @@ def train_step(
     )
 
 
-def first_visits(plan: SamplePlan, num_patches: int) -> Tensor | None:
+def first_visits(
+    plan: SamplePlan, num_patches: int, candidates: Tensor | None = None
+) -> Tensor | None:
     """The ``(B, num_patches)`` mask of the patches the first inner iteration re-encodes.
 
     The fill need not encode them: the first iteration writes their new embeddings into Z before
     the head reads it. ``None`` when that would leave the fill nothing to encode (the first
-    iteration visits every patch); the fill then encodes all, as Algorithm 2 states.
+    iteration visits every patch, or every candidate); the fill then encodes all, as Algorithm 2
+    states, so its chunks never hold the blank patches alone.
     """
     first = plan[0]
     mask = torch.zeros(first.shape[0], num_patches, dtype=torch.bool, device=first.device)
     image_idx, slot = (first >= 0).nonzero(as_tuple=True)
     mask[image_idx, first[image_idx, slot]] = True
-    return None if bool(mask.all()) else mask
+    left = ~mask if candidates is None else candidates.to(mask.device, torch.bool) & ~mask
+    return mask if bool(left.any()) else None
 
 
 def check_plan(plan: SamplePlan, batch: int, num_patches: int, loop: ResolvedLoop) -> None:

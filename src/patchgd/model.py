@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig
 from .latent_cache import LatentCache
-from .patches import PatchProvider, as_patches
+from .patches import PatchProvider
 from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -303,24 +303,40 @@ class PatchGDClassifier(Classifier):
             self.latent_cache.store(keys, result.z, filled=cached is None)
         return result
 
-    def recalibrate_batchnorm(self, batches: Sequence[Tensor | PatchProvider]) -> None:
+    def recalibrate_batchnorm(
+        self,
+        batches: Sequence[Tensor | PatchProvider],
+        candidates: Sequence[Tensor | None] | None = None,
+    ) -> None:
         """As :meth:`Classifier.recalibrate_batchnorm`, in the order inference uses the layers.
 
-        The encoder's layers get the statistics of every patch of ``batches``, encoded in fill
-        chunks. Then Z is filled as at inference (the encoder in eval mode, with its new
-        statistics) and the head's layers get the statistics of that Z.
+        The encoder's layers get the statistics of every patch of ``batches`` that inference
+        encodes, in fill chunks: every patch, or with ``candidates`` (one mask or ``None`` per
+        batch) the candidates and one blank patch per image. Then Z is filled as at inference
+        (the encoder in eval mode, with its new statistics) and the head's layers get the
+        statistics of that Z.
         """
         chunk = self.chunk_for()
+        masks = list(candidates) if candidates is not None else [None] * len(batches)
+        if len(masks) != len(batches):
+            raise ConfigError(f"got {len(masks)} candidate masks for {len(batches)} batches")
         with keep_modes(self):
             self.train()
             with recalibrating(self.encoder):
-                for images in batches:
-                    for _, part in as_patches(images, self.grid).chunks(chunk):
-                        self.encoder(part)
+                for images, mask in zip(batches, masks, strict=True):
+                    fill_z(self.encoder, images, self.grid, chunk, None, candidates=mask)
             self.encoder.eval()
             with recalibrating(self.head):
-                for images in batches:
-                    self.head(fill_z(self.encoder, images, self.grid, chunk, dtype=self.fill_dtype))
+                for images, mask in zip(batches, masks, strict=True):
+                    z = fill_z(
+                        self.encoder,
+                        images,
+                        self.grid,
+                        chunk,
+                        dtype=self.fill_dtype,
+                        candidates=mask,
+                    )
+                    self.head(z)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

@@ -327,6 +327,10 @@ class ImageFolderDataModule(_Loaders):
         with tissue masks, else those that overlap the image (``None``: every patch)."""
         if self.masks is not None:
             return self.masks.candidates_batch(images, grid)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # The default ζ follows the batch's candidates, and every DDP process must make as
+            # many inner iterations as the others: padding alone is not worth that risk.
+            return None
         inside = image_patches(images, grid)
         return None if bool(inside.all()) else inside
 

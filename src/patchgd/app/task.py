@@ -335,14 +335,18 @@ class PatchGDTask(L.LightningModule):
         data = self.trainer.datamodule
         if data is None:
             return
-        prepared = []
+        prepared, masks = [], []
         with torch.random.fork_rng(devices=[]):
             for i, batch in enumerate(data.train_dataloader()):
                 if i == batches:
                     break
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 prepared.append(self._prepare(batch)[0])
-        self.classifier.recalibrate_batchnorm(prepared)
+                masks.append(self._candidates(batch))
+        if any(mask is not None for mask in masks):  # lazy images: what evaluation encodes
+            self.classifier.recalibrate_batchnorm(prepared, candidates=masks)
+        else:
+            self.classifier.recalibrate_batchnorm(prepared)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
