@@ -139,8 +139,12 @@ def test_ranks_stay_identical_when_gradients_accumulate_between_syncs(accumulati
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)
 
 
+@pytest.mark.timeout(240)  # a deadlock fails here, not at the suite's 600 s
 def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, monkeypatch):
-    """The run-folder callbacks read trainer.log_dir, which broadcasts: every rank must call it."""
+    """The run-folder callbacks read trainer.log_dir, which broadcasts: every rank must call it.
+    The progress bar reads the epoch's metrics on rank 0 only, before the task's epoch-end hook:
+    a metric that synchronised there would leave rank 0 waiting on a collective the others
+    never join."""
     import json
 
     from lightning.pytorch.loggers import CSVLogger
@@ -154,6 +158,7 @@ def test_a_ddp_run_with_the_default_callbacks_writes_its_run_folder(tmp_path, mo
         2,
         logger=CSVLogger(tmp_path / "runs"),
         callbacks=[RunSummary(), TrainingCurves()],
+        enable_progress_bar=True,
     )
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1

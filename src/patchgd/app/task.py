@@ -237,14 +237,11 @@ class PatchGDTask(L.LightningModule):
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
         self.train_metrics.update(nonfinite_as_wrong(result.logits.float(), targets), targets)
-        self.log(
-            "train/loss",
-            result.loss,
-            prog_bar=True,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
+        # Not synchronised across DDP processes: the progress bar computes the epoch's value on
+        # rank 0 alone, before the epoch-end hooks, where a collective would wait for ranks
+        # that never join it (Lightning-AI/pytorch-lightning#19604, #21264). Under DDP the
+        # logged epoch loss is rank 0's; accuracy and validation are synchronised.
+        self.log("train/loss", result.loss, prog_bar=True, on_epoch=True, batch_size=batch_size)
         self.log("train/images_per_s", batch_size / seconds, prog_bar=True, batch_size=batch_size)
         if isinstance(self.classifier, PatchGDClassifier):
             patches = sum(int((p >= 0).sum()) for p in result.plan)
