@@ -155,6 +155,20 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_and_resume_removes
             ["--data.init_args.channels", "3"],
             "the data gives 3-channel images but model.classifier was built for in_chans=1",
         ),
+        (["--model.weight_decay", "-0.1"], "model.weight_decay must be 0 or more"),
+        (["--model.encoder_lr", "-0.001"], "model.encoder_lr must be 0 or more"),
+        (["--model.classifier.init_args.latent_dim", "0"], "latent_dim must be at least 1"),
+        (
+            ["--model.classifier.init_args.loop", "{sampling_fraction: 1.5}"],
+            "sampling_fraction must be in (0, 1], got 1.5",
+        ),
+        (["--trainer.max_epochs", "-1"], "set trainer.max_epochs (or max_steps) to 1 or more"),
+        (["--trainer.limit_train_batches", "0"], "keep trainer.limit_train_batches above 0"),
+        (["--data.init_args.std", "[0]"], "data.init_args.std must be above 0"),
+        (
+            ["--data.init_args.mean", "[0.5, 0.5, 0.5]"],
+            "data.init_args.mean has 3 values but the model takes 1-channel images",
+        ),
     ],
 )
 def test_options_refused_while_the_run_is_built_are_one_line_and_mark_the_run_failed(
@@ -168,6 +182,63 @@ def test_options_refused_while_the_run_is_built_are_one_line_and_mark_the_run_fa
     for folder in (tmp_path / "runs" / "lightning_logs").glob("version_*"):
         status = json.loads((folder / "summary.json").read_text())["status"]
         assert status["state"] == "failed" and message in status["error"]
+
+
+def test_a_checkpoint_that_lightning_did_not_write_or_a_binary_config_is_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"a": 1}, tmp_path / "dict.ckpt")
+    assert main(["validate", "--config", str(TINY), "--ckpt_path", "dict.ckpt"]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "--ckpt_path dict.ckpt: not a Lightning checkpoint" in err[0], err
+    assert main(["fit", "--config", str(TINY), "--config", "dict.ckpt"]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "--config dict.ckpt: not a text (YAML) file" in err[0], err
+
+
+def test_an_output_path_the_file_system_refuses_is_one_line_naming_it(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    args = ["data", "ultramnist", "--out", "a_file", "--size", "32", "--per-class", "1"]
+    assert main([*args, "--quiet"]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "a_file" in err[0], err
+    assert (tmp_path / "a_file").read_text() == ""  # left as it was
+
+
+def test_evaluating_without_a_checkpoint_warns_that_the_weights_are_untrained(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="validate without --ckpt_path: the model has its"):
+        assert main(["validate", "--config", str(TINY)]) == 0
+
+
+def test_sigterm_marks_the_run_interrupted_and_exits_non_zero(tmp_path):
+    term = trainer_config(tmp_path, "callbacks", "app_helpers.TermAt", epoch=1, batch=1)
+    stopped = fit_in_subprocess(tmp_path, "--config", str(term))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "patchgd: error: stopped by SIGTERM" in stopped.stderr
+    status = json.loads((run_dir(tmp_path) / "summary.json").read_text())["status"]
+    assert status["state"] == "interrupted" and status["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--lr", "-0.001"], "--lr must be above 0, got -0.001"),
+    ],
+)
+def test_demo_options_out_of_range_are_one_line_before_any_work(args, message, tmp_path, capsys):
+    assert main(["demo", *args, "--out", str(tmp_path / "demo")]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch):

@@ -69,16 +69,16 @@ class InnerLoopConfig:
         than such a shortened ζ is lowered to it.
         """
         n = num_patches
+        f = self.sampling_fraction
+        if f is not None and not 0.0 < f <= 1.0:  # checked even when k is given, never ignored
+            raise ConfigError(f"sampling_fraction must be in (0, 1], got {f}")
         if self.patches_per_step is not None:
             k = self.patches_per_step
             if not 1 <= k <= n:
                 raise ConfigError(
                     f"patches_per_step (k={k}) must be between 1 and the grid's {n} patches"
                 )
-        elif self.sampling_fraction is not None:
-            f = self.sampling_fraction
-            if not 0.0 < f <= 1.0:
-                raise ConfigError(f"sampling_fraction must be in (0, 1], got {f}")
+        elif f is not None:
             k = max(1, math.ceil(f * n - 1e-9))
         else:
             raise ConfigError("give patches_per_step or sampling_fraction")

@@ -87,6 +87,8 @@ def _create(
     **kwargs: Any,
 ) -> nn.Module:
     check_backbone_name(name)
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"in_chans must be a positive number of image channels, got {in_chans}")
     load: dict[str, Any] = {"pretrained": False}
     if isinstance(pretrained, str | Path):
         path = Path(pretrained)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -65,11 +66,21 @@ def _table(args: argparse.Namespace):
     return table.split(args.split) if getattr(args, "split", None) else table
 
 
+def _colour(text: str) -> list[float]:
+    """``--fill`` as numbers: one value, or one per channel, separated by commas."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as err:
+        raise ConfigError(
+            f"--fill {text!r}: give numbers separated by commas, e.g. 255,255,255"
+        ) from err
+
+
 def _data_prepare(args: argparse.Namespace) -> None:
     from .data.prepare import prepare_images
 
     table = _table(args)
-    fill = None if args.fill is None else [float(v) for v in args.fill.split(",")]
+    fill = None if args.fill is None else _colour(args.fill)
     prepared = prepare_images(
         table,
         args.out,
@@ -242,6 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.run(args)
     except PatchGDError as err:
         print(f"patchgd: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except SystemExit as stop:
+        # Lightning stops on SIGTERM by raising a SystemExit without a code, which would exit 0.
+        if type(stop).__name__ != "SIGTERMException":
+            raise
+        print("patchgd: error: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except OSError as err:  # an output the file system refuses: name the path
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        reason = err.strerror or " ".join(str(err).split())
+        print(f"patchgd: error: {where + ': ' if where else ''}{reason}", file=sys.stderr)
         return 2
     return 0
 

@@ -78,6 +78,18 @@ class DemoConfig:
     seed: int = 0
     out: str = "demo"
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "per_class_train", "per_class_val"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.calibration_images < 0:
+            raise ConfigError(
+                f"--calibration-images must be 0 or more, got {self.calibration_images}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be above 0, got {self.lr}")
+
 
 @dataclass(frozen=True)
 class DemoResult:

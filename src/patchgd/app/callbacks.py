@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .._io import atomic_write, atomic_write_csv, remove_stale_temps
 from ..errors import one_line
@@ -174,11 +175,12 @@ class RunSummary(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Mark a run folder that already exists as failed or interrupted (Ctrl-C), with why."""
+        """Mark a run folder that already exists as failed or interrupted (Ctrl-C, SIGTERM),
+        with why."""
         log_dir = _run_folder(trainer)
         if log_dir is None or not log_dir.is_dir():
             return  # nothing was written: nothing to mark
-        interrupted = isinstance(exception, KeyboardInterrupt)
+        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
         self._update(
             trainer,
             "status",

@@ -12,7 +12,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .._io import remove_stale_temps
 from ..errors import ConfigError, PatchGDError
@@ -116,6 +116,11 @@ class PatchGDCLI(LightningCLI):
         """Refuse a ``--ckpt_path`` that is not a readable checkpoint, in one line naming it."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is None and subcommand in ("validate", "test", "predict"):
+            rank_zero_warn(
+                f"{subcommand} without --ckpt_path: the model has its initial weights "
+                "(random, or the pretrained backbone's), not trained ones"
+            )
         if not _is_file_path(path):
             return
         try:  # memory-mapped: the tensors are not read, only the file's structure
@@ -124,6 +129,14 @@ class PatchGDCLI(LightningCLI):
         except Exception as err:  # noqa: BLE001 - any failure means the same to the user
             reason = " ".join(str(err).split()) or type(err).__name__
             raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({reason})") from err
+        missing = [
+            key for key in ("state_dict", "pytorch-lightning_version") if key not in checkpoint
+        ]
+        if missing:
+            raise ConfigError(
+                f"--ckpt_path {path}: not a Lightning checkpoint (no {', '.join(missing)}); "
+                "give a .ckpt written by `patchgd fit`"
+            )
         if subcommand != "fit":  # a run may still be writing there while others read
             return
         for temp in remove_stale_temps(Path(path).parent, STALE_CHECKPOINT_TEMPS):
@@ -173,6 +186,17 @@ def _is_file_path(ckpt_path: Any) -> bool:
     return bool(ckpt_path) and ckpt_path not in special and "://" not in str(ckpt_path)
 
 
+def _undecodable(paths: Sequence[str]) -> list[str]:
+    """The files among ``paths`` that are not UTF-8 text."""
+    bad = []
+    for path in paths:
+        try:
+            Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            bad.append(path)
+    return bad
+
+
 def run_lightning(argv: Sequence[str]) -> LightningCLI:
     """Run one LightningCLI subcommand, e.g. ``["fit", "--config", "configs/x.yaml"]``.
 
@@ -198,6 +222,11 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
             raise ConfigError(f"{argv[0]}: {reason} (see `patchgd {argv[0]} --help`)") from err
         except MisconfigurationException as err:  # Lightning's own refusals of trainer options
             raise ConfigError(" ".join(str(err).split())) from err
+        except UnicodeDecodeError as err:  # jsonargparse read a binary file as a config
+            configs = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+            raise ConfigError(
+                f"--config {' '.join(_undecodable(configs)) or '?'}: not a text (YAML) file"
+            ) from err
         except ValueError as err:
             # jsonargparse reports a data module's refusal as "does not validate against any
             # of the Union subtypes", caused by our one-line error: raise that one.

@@ -10,6 +10,7 @@ advancing the learning-rate schedule once per optimizer step.
 from __future__ import annotations
 
 import atexit
+import math
 import random
 import time
 from collections.abc import Callable
@@ -45,6 +46,22 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+def _check_normalisation(data: Any, channels: int) -> None:
+    """One value, or one per channel, for the data's ``mean`` and ``std``; every std above 0."""
+    for name in ("mean", "std"):
+        values = getattr(data, name, None)
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) not in (1, channels):
+            raise ConfigError(
+                f"data.init_args.{name} has {len(values)} values but the model takes "
+                f"{channels}-channel images; give 1 or {channels}"
+            )
+        if name == "std" and min(values) <= 0:
+            raise ConfigError(f"data.init_args.std must be above 0 for every channel, got {values}")
+
+
 def _destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -69,7 +86,8 @@ class PatchGDTask(L.LightningModule):
     Args:
         classifier: the model: :class:`~patchgd.PatchGDClassifier` or a GD baseline.
         lr: peak learning rate (Adam), for every parameter unless overridden below.
-        encoder_lr, head_lr: peak learning rates of PatchGD's encoder and head.
+        encoder_lr, head_lr: peak learning rates of PatchGD's encoder and head (``None``:
+            ``lr``; 0 leaves that part as it is).
         weight_decay: Adam's weight decay.
         warmup_epochs: linear warm-up from 0 over this many epochs (the paper: 2).
         final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
@@ -106,6 +124,11 @@ class PatchGDTask(L.LightningModule):
                 f"need lr > 0, warmup_epochs >= 0 and final_lr_fraction in [0, 1]; got lr={lr}, "
                 f"warmup_epochs={warmup_epochs}, final_lr_fraction={final_lr_fraction}"
             )
+        for name, value in (("encoder_lr", encoder_lr), ("head_lr", head_lr)):
+            if value is not None and value < 0:  # 0 is allowed: that part stays as it is
+                raise ConfigError(f"model.{name} must be 0 or more, got {value}")
+        if weight_decay < 0:
+            raise ConfigError(f"model.weight_decay must be 0 or more, got {weight_decay}")
         # predict_heatmaps is a prediction-time switch: kept out of the checkpoint's
         # hyperparameters, which LightningCLI would otherwise re-apply over the command line.
         self.save_hyperparameters(ignore=["classifier", "predict_heatmaps"])
@@ -157,6 +180,7 @@ class PatchGDTask(L.LightningModule):
                 f"the data gives {size[0]}×{size[1]} px images but model.classifier was built for "
                 f"image_size={built_for[0]}×{built_for[1]}"
             )
+        _check_normalisation(data, self.classifier.in_chans)
         channels = getattr(data, "channels", None)
         if channels is not None and channels != self.classifier.in_chans:
             raise ConfigError(
@@ -175,7 +199,10 @@ class PatchGDTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         if isinstance(self.classifier, PatchGDClassifier):
-            groups = self.classifier.param_groups(hp.encoder_lr or hp.lr, hp.head_lr or hp.lr)
+            groups = self.classifier.param_groups(
+                hp.lr if hp.encoder_lr is None else hp.encoder_lr,
+                hp.lr if hp.head_lr is None else hp.head_lr,
+            )
         else:
             groups = [{"params": list(self.classifier.parameters()), "lr": hp.lr}]
         optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
@@ -191,7 +218,13 @@ class PatchGDTask(L.LightningModule):
     def _schedule_length(self) -> tuple[int, int]:
         """Warm-up and total length of the run, in optimizer steps."""
         trainer, per_batch = self.trainer, self.steps_per_batch
-        batches = int(trainer.estimated_stepping_batches)  # also sets num_training_batches
+        estimated = trainer.estimated_stepping_batches  # also sets num_training_batches
+        if not math.isfinite(estimated) or estimated < 1:
+            raise ConfigError(
+                "the run has no finite length in training batches: set trainer.max_epochs "
+                "(or max_steps) to 1 or more and keep trainer.limit_train_batches above 0"
+            )
+        batches = int(estimated)
         # Under manual optimisation max_steps counts optimizer steps, not batches.
         total = trainer.max_steps if trainer.max_steps > 0 else batches * per_batch
         per_epoch = trainer.num_training_batches * per_batch
