@@ -214,9 +214,9 @@ def test_stratified_folds(tmp_path):
     assert stratified_folds(table, k=5, seed=4) != folded
     with pytest.raises(ConfigError, match="assign them with stratified_folds"):
         table.fold(0)
-    with pytest.raises(ConfigError, match="k=7 is not a fold"):
+    with pytest.raises(ConfigError, match="fold 7 is not a fold"):
         folded.fold(7)
-    with pytest.raises(ConfigError, match="k=1"):
+    with pytest.raises(ConfigError, match="num_folds=1"):
         stratified_folds(table, k=1)
     with pytest.raises(ConfigError, match="need at least 5 images"):
         stratified_folds(make_table({0: 2, 1: 2}), k=5)

@@ -139,7 +139,7 @@ class ImageTable:
             )
         folds = sorted({item.fold for item in self.items if item.fold is not None})
         if k not in folds:
-            raise ConfigError(f"k={k!r} is not a fold of the table; folds found: {folds}")
+            raise ConfigError(f"fold {k!r} is not a fold of the table; folds found: {folds}")
         keep = [item for item in self.items if (item.fold == k) == (role == "val")]
         return self.with_items(keep)
 
@@ -396,7 +396,7 @@ def stratified_folds(table: ImageTable, k: int = 5, seed: int = 0) -> ImageTable
     except TypeError:
         k_ok = False
     if not k_ok:
-        raise ConfigError(f"k={k!r}: need an integer number of folds >= 2")
+        raise ConfigError(f"num_folds={k!r}: need an integer number of folds >= 2")
     if len(table.items) < k:
         raise ConfigError(f"k={k} folds need at least {k} images; the table has {len(table)}")
     rng = np.random.default_rng(seed)
