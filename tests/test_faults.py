@@ -241,6 +241,27 @@ def test_demo_options_out_of_range_are_one_line_before_any_work(args, message, t
     assert not (tmp_path / "demo").exists()
 
 
+def test_predict_inputs_that_are_not_images_are_named_not_dropped_silently(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from patchgd.app.data import expand_inputs
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "good.png")
+    (folder / "dir.png").mkdir()
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="patchgd.data"):
+        found = expand_inputs([str(folder), str(tmp_path / "empty")])
+    assert found == [str(folder / "good.png")]
+    warned = caplog.text
+    for name in ("dir.png", "loop.png", "empty"):
+        assert name in warned, name
+
+
 def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main([*ONE_EPOCH, "--trainer.default_root_dir", "elsewhere"]) == 0

@@ -364,11 +364,16 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            paths += sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and p.name.lower().endswith(tuple(DEFAULT_EXTENSIONS))
+            named = sorted(
+                p for p in path.rglob("*") if p.name.lower().endswith(tuple(DEFAULT_EXTENSIONS))
             )
+            for p in named:  # a folder, broken link or link loop named like an image
+                if not p.is_file():
+                    logger.warning("skipped %s: not a readable file", p)
+            found = [str(p) for p in named if p.is_file()]
+            if not found:
+                logger.warning("skipped %s: a folder with no image in it", path)
+            paths += found
         else:
             paths.append(str(path))  # a missing file is reported (and skipped) by the dataset
     if not paths:

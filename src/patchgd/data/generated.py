@@ -43,7 +43,9 @@ class GeneratedSplit(Dataset):
         if split not in SPLIT_CODE:
             raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}")
         if not is_int(per_class) or per_class < 1:
-            raise ConfigError(f"per_class={per_class!r} ({split} split): must be a positive integer")
+            raise ConfigError(
+                f"per_class={per_class!r} ({split} split): must be a positive integer"
+            )
         if not is_int(seed) or seed < 0:
             raise ConfigError(f"seed={seed!r}: must be a non-negative integer")
         if channels not in (1, 3):
