@@ -270,6 +270,12 @@ def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch
     assert json.loads((run / "summary.json").read_text())["fit"]["epochs"] == 1
     assert (tmp_path / "elsewhere" / "tensorboard").is_dir()
     assert not (tmp_path / "runs").exists()
+    # The run's config.yaml names its folder for the loggers; a root given now still wins.
+    args = ["validate", "--config", str(run / "config.yaml")]
+    args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    assert main([*args, "--trainer.default_root_dir", "again"]) == 0
+    assert (tmp_path / "again" / "lightning_logs" / "version_0" / "summary.json").is_file()
+    assert not (tmp_path / "elsewhere" / "lightning_logs" / "version_1").exists()
 
 
 def test_a_truncated_image_met_in_training_with_workers_is_one_line_naming_it(

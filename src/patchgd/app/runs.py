@@ -34,23 +34,37 @@ def default_loggers() -> list[dict[str, Any]]:
     ]
 
 
-def _default(loggers: Any) -> list[Any]:
-    """The default loggers among ``loggers`` (parsed config namespaces), still unchanged."""
+def _default(loggers: Any, any_folder: bool = False) -> list[Any]:
+    """The default loggers among ``loggers`` (parsed config namespaces), still unchanged (or,
+    with ``any_folder``, in whatever folder a run's saved config put them)."""
     if not isinstance(loggers, list):
         return []
     return [
         logger
         for logger in loggers
         if getattr(logger, "class_path", None) in (CSV_LOGGER, TENSORBOARD_LOGGER)
-        and logger.init_args.get("save_dir") == DEFAULT_RUNS
+        and (any_folder or logger.init_args.get("save_dir") == DEFAULT_RUNS)
         and logger.init_args.get("version") is None
     ]
 
 
+def _saved_defaults(loggers: Any) -> list[Any]:
+    """The default pair as a run's ``config.yaml`` holds it: the CSV logger and TensorBoard's
+    ``tensorboard``, in one folder (the root that run had)."""
+    pair = _default(loggers, any_folder=True)
+    classes = sorted(logger.class_path for logger in pair)
+    if classes != sorted([CSV_LOGGER, TENSORBOARD_LOGGER]):
+        return []
+    folders = {logger.init_args.get("save_dir") for logger in pair}
+    tensorboard = next(x for x in pair if x.class_path == TENSORBOARD_LOGGER)
+    return pair if len(folders) == 1 and tensorboard.init_args.get("name") == "tensorboard" else []
+
+
 def route_to_root(loggers: Any, root: str | None) -> None:
-    """Point the default loggers at ``root`` (``--trainer.default_root_dir``) instead of ./runs."""
+    """Point the default loggers at ``root`` (``--trainer.default_root_dir``) instead of ./runs,
+    also when they come from a run's ``config.yaml``, which names that run's root."""
     if root:
-        for logger in _default(loggers):
+        for logger in _default(loggers) or _saved_defaults(loggers):
             logger.init_args.save_dir = str(root)
 
 
