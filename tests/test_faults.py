@@ -262,6 +262,31 @@ def test_predict_inputs_that_are_not_images_are_named_not_dropped_silently(tmp_p
         assert name in warned, name
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--config", "empty.yaml"], "--config empty.yaml: the file is empty"),
+        (
+            ["plan", "--memory-budget", "1GB", "--backbone", "test_resnet", "--patch-size", "32"]
+            + ["--image-size", "-64"],
+            "image_size must be at least 1 px a side, got -64×-64",
+        ),
+        (
+            ["data", "ultramnist", "--out", "um", "--size", "32", "--mnist-idx", "nowhere"],
+            "nowhere: no such file or folder",
+        ),
+    ],
+)
+def test_command_line_inputs_that_cannot_work_are_one_line_naming_them(
+    args, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("\n")
+    assert main(args) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_runs_go_under_the_default_root_dir_the_user_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main([*ONE_EPOCH, "--trainer.default_root_dir", "elsewhere"]) == 0

@@ -58,6 +58,8 @@ class PatchGrid:
         if self.stride is None:
             object.__setattr__(self, "stride", self.patch_size)
         p, s = self.patch_size, self.stride
+        if h < 1 or w < 1:
+            raise ConfigError(f"image_size must be at least 1 px a side, got {h}×{w}")
         if p < 1:
             raise ConfigError(f"patch_size must be at least 1, got {p}")
         if s is None or not 1 <= s <= p:

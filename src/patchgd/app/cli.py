@@ -203,6 +203,10 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
     A config that does not parse (an unknown key, a wrong type) raises :class:`ConfigError`
     with jsonargparse's one-line reason instead of printing the whole usage.
     """
+    configs = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    for path in configs:  # jsonargparse's "Unexpected config" would not name the file
+        if Path(path).is_file() and not Path(path).read_bytes().strip():
+            raise ConfigError(f"--config {path}: the file is empty")
     with warnings.catch_warnings():
         # `patchgd` forwards its own argv as `args`; Lightning warns when both are present.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -223,7 +227,6 @@ def run_lightning(argv: Sequence[str]) -> LightningCLI:
         except MisconfigurationException as err:  # Lightning's own refusals of trainer options
             raise ConfigError(" ".join(str(err).split())) from err
         except UnicodeDecodeError as err:  # jsonargparse read a binary file as a config
-            configs = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
             raise ConfigError(
                 f"--config {' '.join(_undecodable(configs)) or '?'}: not a text (YAML) file"
             ) from err

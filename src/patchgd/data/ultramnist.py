@@ -272,6 +272,8 @@ class DigitSource:
         """Full MNIST from IDX files; ``images`` may be a folder holding
         ``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]``."""
         images = Path(images)
+        if not images.exists():
+            raise DataError(f"{images}: no such file or folder")
         if images.is_dir():
             folder = images
 
