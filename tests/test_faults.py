@@ -159,6 +159,11 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_old_file_and_resume_removes
         (["--model.encoder_lr", "-0.001"], "model.encoder_lr must be 0 or more"),
         (["--model.classifier.init_args.latent_dim", "0"], "latent_dim must be at least 1"),
         (
+            ["--model.classifier", "patchgd.GDExtendedClassifier"]
+            + ["--model.classifier.init_args.latent_dim", "0"],
+            "latent_dim must be at least 1",
+        ),
+        (
             ["--model.classifier.init_args.loop", "{sampling_fraction: 1.5}"],
             "sampling_fraction must be in (0, 1], got 1.5",
         ),

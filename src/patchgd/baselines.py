@@ -159,6 +159,8 @@ class GDExtendedClassifier(GDClassifier):
         grad_checkpointing: bool = False,
         micro_batch: int | None = None,
     ) -> None:
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ConfigError(f"latent_dim must be at least 1, got {latent_dim}")
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
         super().__init__(
             backbone,
