@@ -127,14 +127,19 @@ class PatchGrid:
         if dh == 0 and dw == 0:
             return images
         b, c, h, w = images.shape
-        fill = torch.as_tensor(self.pad_value, dtype=images.dtype, device=images.device)
-        if fill.numel() not in (1, c):
-            raise ConfigError(
-                f"pad_value has {fill.numel()} values but the images have {c} channels"
-            )
-        out = fill.reshape(1, -1, 1, 1).expand(b, c, h + dh, w + dw).clone()
+        fill = self.pad_colour(c, images.dtype, images.device)
+        out = fill.expand(b, c, h + dh, w + dw).clone()
         out[:, :, :h, :w] = images
         return out
+
+    def pad_colour(self, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``pad_value`` as a ``(1, C or 1, 1, 1)`` tensor, checked against ``channels``."""
+        fill = torch.as_tensor(self.pad_value, dtype=dtype, device=device)
+        if fill.numel() not in (1, channels):
+            raise ConfigError(
+                f"pad_value has {fill.numel()} values but the images have {channels} channels"
+            )
+        return fill.reshape(1, -1, 1, 1)
 
     def patch_view(self, padded: Tensor) -> Tensor:
         """A strided ``(B, C, rows, cols, p, p)`` view of a padded batch: no copy is made."""

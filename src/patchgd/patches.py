@@ -89,8 +89,8 @@ class TensorPatches:
 
     def blank(self, image_index: Tensor) -> Tensor:
         _, c, _, _, p, _ = self.view.shape
-        fill = torch.as_tensor(self.grid.pad_value, dtype=self.view.dtype, device=self.view.device)
-        return fill.reshape(1, -1, 1, 1).expand(len(image_index), c, p, p).clone()
+        fill = self.grid.pad_colour(c, self.view.dtype, self.view.device)
+        return fill.expand(len(image_index), c, p, p).clone()
 
 
 def as_patches(images: Tensor | PatchProvider, grid: PatchGrid) -> PatchProvider:
