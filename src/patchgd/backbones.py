@@ -12,7 +12,7 @@ import timm
 from torch import nn
 
 from .conv import use_stride_safe_convolutions
-from .errors import ConfigError
+from .errors import ConfigError, require_count
 
 Pretrained = str | Path | bool | None
 #: How PatchGD's projection to Z and its head's linear layer start: ``"default"``, PyTorch's
@@ -87,8 +87,7 @@ def _create(
     **kwargs: Any,
 ) -> nn.Module:
     check_backbone_name(name)
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-        raise ConfigError(f"in_chans must be a positive number of image channels, got {in_chans}")
+    require_count("in_chans", in_chans)
     load: dict[str, Any] = {"pretrained": False}
     if isinstance(pretrained, str | Path):
         path = Path(pretrained)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .algorithm import StepHooks, StepResult, plain_optimizer_step
 from .backbones import Pretrained, create_backbone
-from .errors import ConfigError
+from .errors import ConfigError, require_count
 from .grid import as_pair
 from .head import HeadConfig
 from .model import Classifier, LossFn
@@ -159,8 +159,7 @@ class GDExtendedClassifier(GDClassifier):
         grad_checkpointing: bool = False,
         micro_batch: int | None = None,
     ) -> None:
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ConfigError(f"latent_dim must be at least 1, got {latent_dim}")
+        require_count("latent_dim", latent_dim)
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
         super().__init__(
             backbone,

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .backbones import Pretrained, create_backbone
-from .errors import ConfigError
+from .errors import require_count
 
 
 class PatchEncoder(nn.Module):
@@ -38,8 +38,7 @@ class PatchEncoder(nn.Module):
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ConfigError(f"latent_dim must be at least 1, got {latent_dim}")
+        require_count("latent_dim", latent_dim)
         self.backbone_name = backbone
         self.patch_size = patch_size
         self.latent_dim = latent_dim

@@ -19,6 +19,12 @@ class DivergedError(PatchGDError, FloatingPointError):
     """Training produced non-finite gradients or weights; the message names the step."""
 
 
+def require_count(name: str, value: object) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int (not a bool) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be at least 1, got {value!r}")
+
+
 def one_line(err: BaseException) -> str:
     """The error's message; for one re-raised from a DataLoader worker, whose message PyTorch
     replaces with the worker's whole traceback, the original message again."""
