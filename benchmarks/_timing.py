@@ -1,15 +1,18 @@
-"""What the speed benchmarks share: timing a call, timing a module's forward calls, and the
-report's environment line and number format."""
+"""What the speed benchmarks share: timing a call, timing calls interleaved, timing a module's
+forward calls, and the report's environment line and number format."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+K = TypeVar("K")
 
 
 def synchronize(device: torch.device) -> None:
@@ -24,6 +27,30 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def interleaved(
+    calls: Mapping[K, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    after_repeat: Callable[[int, dict[K, list[float]]], None] | None = None,
+) -> dict[K, list[float]]:
+    """Seconds of each call, ``repeats`` times each, after one untimed warm-up call each.
+
+    Repeats are interleaved, in the calls' order and then reversed, so a drift of the machine
+    (heat, another process) falls on every call alike. ``after_repeat(r, seconds)`` runs after
+    repeat r (e.g. to report progress).
+    """
+    for call in calls.values():  # warm-up: allocator, oneDNN primitives, optimizer state
+        call()
+    seconds: dict[K, list[float]] = {key: [] for key in calls}
+    order = list(calls)
+    for r in range(repeats):
+        for key in order if r % 2 == 0 else reversed(order):
+            seconds[key].append(timed(calls[key], device))
+        if after_repeat is not None:
+            after_repeat(r, seconds)
+    return seconds
 
 
 class ForwardClock:

@@ -46,7 +46,7 @@ from _report import (  # noqa: E402
     save_figure,
     write_section,
 )
-from _timing import environment_line, num, progress, timed  # noqa: E402
+from _timing import environment_line, interleaved, num, progress  # noqa: E402
 
 from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks, fill_z  # noqa: E402
 from patchgd.model import DEFAULT_FILL_PIXELS, default_fill_chunk  # noqa: E402
@@ -160,15 +160,14 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
         "bf16 step": lambda: patchgd(bf16(device)),
     }
     model.train(), reference.train(), last.train()
-    for method in METHODS:  # warm-up: allocator, oneDNN primitives, Adam's state
-        calls[method]()
-    for r in range(args.repeats):
-        for method in METHODS if r % 2 == 0 else reversed(METHODS):
-            row.seconds[method].append(timed(calls[method], device))
+
+    def show(r: int, seconds: dict[str, list[float]]) -> None:
         progress(
             f"{backbone} patch {patch} repeat {r + 1}/{args.repeats}: "
-            + ", ".join(f"{m} {row.seconds[m][-1]:.2f} s" for m in METHODS)
+            + ", ".join(f"{m} {seconds[m][-1]:.2f} s" for m in METHODS)
         )
+
+    row.seconds.update(interleaved(calls, args.repeats, device, show))
     return row
 
 
@@ -181,14 +180,10 @@ def chunk_sweep(
     images = torch.randn(args.batch, 3, args.image, args.image, device=device)
     model.train()
     chunks = {px: max(1, px // patch**2) for px in pixels}
-    seconds: dict[int, list[float]] = {px: [] for px in pixels}
-    for px in pixels:  # warm-up
-        fill_z(model.encoder, images, model.grid, chunks[px])
-    for r in range(args.repeats):
-        for px in pixels if r % 2 == 0 else reversed(pixels):
-            seconds[px].append(
-                timed(lambda c=chunks[px]: fill_z(model.encoder, images, model.grid, c), device)
-            )
+    calls = {
+        px: (lambda c=chunks[px]: fill_z(model.encoder, images, model.grid, c)) for px in pixels
+    }
+    seconds = interleaved(calls, args.repeats, device)
     progress(f"{backbone} patch {patch} fill sweep done")
     return {px: args.batch / statistics.median(s) for px, s in seconds.items()}
 

@@ -32,7 +32,7 @@ from _report import (  # noqa: E402
     save_figure,
     write_section,
 )
-from _timing import environment_line, num, progress, timed  # noqa: E402
+from _timing import environment_line, interleaved, num, progress  # noqa: E402
 
 from patchgd import PatchGDClassifier, fill_z  # noqa: E402
 
@@ -65,12 +65,8 @@ def sweep(
     def fill(mask: torch.Tensor | None) -> None:
         fill_z(model.encoder, images, model.grid, chunk, candidates=mask)
 
-    for mask in masks.values():  # warm-up
-        fill(mask)
-    seconds: dict[str, list[float]] = {name: [] for name in masks}
-    for r in range(args.repeats):
-        for name in masks if r % 2 == 0 else reversed(list(masks)):
-            seconds[name].append(timed(lambda m=masks[name]: fill(m), device))
+    calls = {name: (lambda m=mask: fill(m)) for name, mask in masks.items()}
+    seconds = interleaved(calls, args.repeats, device)
     progress(f"{backbone} patch {patch} done")
     return {name: args.batch / statistics.median(s) for name, s in seconds.items()}
 
