@@ -125,7 +125,7 @@ def run_case(case: Case, device: torch.device, check_steps: int) -> dict[str, An
             f"fill chunk {model.chunk_for(device)}"
             if case.method == "PatchGD"
             else f"batch {batch}"
-            + (f", input {model.image_size[0]} px" if case.method == "downscaled GD" else "")
+            + (f", input {model.input_size[0]} px" if case.method == "downscaled GD" else "")
         ),
         "budget": budget,
         "predicted": plan.predicted_peak_bytes,

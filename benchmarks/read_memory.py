@@ -27,6 +27,8 @@ import numpy as np
 
 
 def _peak_rss_mb() -> float:
+    # Not patchgd.memory.lifetime_peak_rss: importing that module imports torch, whose 0.5 GB
+    # the torch-free reader process must not hold.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB else
 

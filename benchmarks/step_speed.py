@@ -6,8 +6,9 @@ fills), then ζ inner iterations that each re-encode k patches per image (one ra
 of the grid per batch, shared by its images) with gradients, write them into a detached Z, run
 the head and step the optimizer every ε iterations. ``patchgd`` runs the same step through
 ``PatchGDClassifier.training_step``, at its defaults and with the fast path (bf16 autocast over
-the whole step, and over the fill only). All three start from the same weights, on the same
-random batch, with Adam; repeats are interleaved and the tables give medians.
+the whole step, and over the fill only) and with its encoder compiled (``compile_encoder``;
+the compile's own time is reported apart). All start from the same weights, on the same random
+batch, with Adam; repeats are interleaved and the tables give medians.
 
 The configuration is that of the authors' UltraMNIST code: ResNet50, 512 px images, D = 256,
 1/8 of the grid per inner iteration, ζ = ε = every patch once, batch 4, 6 classes, the paper's
@@ -15,8 +16,8 @@ head; the patch size varies (32 px, the authors' grid of 16 × 16, up to 256 px,
 UltraMNIST setting). A second table sweeps the fill chunk, in pixels per encoder call, for the
 fill alone: the evidence for the library's default (``patchgd.model.DEFAULT_FILL_PIXELS``).
 
-    python benchmarks/step_speed.py           # resnet50 and mobilenetv3_small_050: ~20 min
-    python benchmarks/step_speed.py --quick   # a smoke run (tests)
+    python benchmarks/step_speed.py           # resnet50 and mobilenetv3_small_050: ~35 min
+    python benchmarks/step_speed.py --quick   # a smoke run (tests), without torch.compile
     python benchmarks/step_speed.py --device cuda --backbones resnet50 --batch 16
 """
 
@@ -26,6 +27,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -53,13 +55,14 @@ from patchgd.model import DEFAULT_FILL_PIXELS, default_fill_chunk  # noqa: E402
 
 SECTION, CHUNK_SECTION, FIGURE = "step-speed", "fill-chunk", "step_speed"
 CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
-METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 fill, CL", "bf16 step")
+METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 fill, CL", "bf16 step", "compiled")
 LABELS = {
     "straightforward": "straightforward",
     "patchgd": "patchgd",
     "bf16 fill": "patchgd, bf16 fill",
     "bf16 fill, CL": "patchgd, bf16 fill, channels-last",
     "bf16 step": "patchgd, bf16 step",
+    "compiled": "patchgd, compiled encoder",
 }
 
 
@@ -108,9 +111,11 @@ class Row:
     inner: int
     chunk: int
     seconds: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    compile_s: float | None = None  # the compiled model's first step, compile included
 
     def rate(self, method: str, batch: int) -> float:
-        return batch / statistics.median(self.seconds[method])
+        times = self.seconds[method]
+        return batch / statistics.median(times) if times else float("nan")
 
 
 def bf16(device: torch.device) -> Callable[[], object]:
@@ -137,6 +142,21 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     ref_opt = torch.optim.Adam(reference.parameters(), lr=LR)
     last_opt = torch.optim.Adam(last.parameters(), lr=LR)
     last_images = images.contiguous(memory_format=torch.channels_last)
+    if args.compile:
+        # Each row compiles from nothing: dynamo's in-memory cache keeps guards for every model
+        # compiled before (8 per code object, then it runs eager) and inductor's disk cache
+        # would make the compile look cheaper than a user's first run.
+        torch._dynamo.reset()
+        torch._inductor.config.force_disable_caches = True
+        compiled = PatchGDClassifier(
+            backbone, CLASSES, args.image, patch, latent_dim=LATENT, loop=loop,
+            compile_encoder=True,
+        ).to(device)  # fmt: skip
+        compiled.load_state_dict(model.state_dict())
+        compiled_opt = torch.optim.Adam(compiled.parameters(), lr=LR)
+        start = time.perf_counter()
+        compiled.train().training_step(images, targets, compiled_opt)
+        row.compile_s = time.perf_counter() - start
 
     def patchgd(autocast: Callable[[], object] = nullcontext, fill_dtype=None) -> None:
         model.fill_dtype = fill_dtype
@@ -159,12 +179,14 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
         "bf16 fill, CL": lambda: last.training_step(last_images, targets, last_opt),
         "bf16 step": lambda: patchgd(bf16(device)),
     }
+    if args.compile:
+        calls["compiled"] = lambda: compiled.training_step(images, targets, compiled_opt)
     model.train(), reference.train(), last.train()
 
     def show(r: int, seconds: dict[str, list[float]]) -> None:
         progress(
             f"{backbone} patch {patch} repeat {r + 1}/{args.repeats}: "
-            + ", ".join(f"{m} {seconds[m][-1]:.2f} s" for m in METHODS)
+            + ", ".join(f"{m} {seconds[m][-1]:.2f} s" for m in seconds)
         )
 
     row.seconds.update(interleaved(calls, args.repeats, device, show))
@@ -194,6 +216,7 @@ def chunk_sweep(
 def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], args) -> None:
     page = output_page(args)
     device = torch.device(args.device)
+    methods = METHODS if args.compile else METHODS[:-1]
     steps = [
         [
             f"`{r.backbone}`",
@@ -204,13 +227,22 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             num(r.rate("straightforward", args.batch)),
             *(
                 f"{num(r.rate(m, args.batch))} ({r.rate(m, args.batch) / r.rate('straightforward', args.batch):.2f}×)"  # noqa: E501
-                for m in METHODS[1:]
+                for m in methods[1:]
             ),
+            *([f"{r.compile_s:.0f}"] if args.compile else []),
         ]  # fmt: skip
         for r in rows
     ]
     table = markdown_table(
-        ["backbone", "patch px", "grid", "k × ζ", "fill chunk", *(LABELS[m] for m in METHODS)],
+        [
+            "backbone",
+            "patch px",
+            "grid",
+            "k × ζ",
+            "fill chunk",
+            *(LABELS[m] for m in methods),
+            *(["first compiled step, s"] if args.compile else []),
+        ],  # fmt: skip
         steps,
     )
     print(table)
@@ -256,7 +288,9 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             "*bf16 fill*: the same with `fill_dtype='bfloat16'` (the fill under bf16 autocast; "
             "Z and the inner iterations in fp32). *channels-last*: the same, with the model and "
             "the batch in channels-last memory format. "
-            "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`).",
+            "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`). "
+            "*compiled encoder*: `compile_encoder=True` (`torch.compile`, default options), "
+            "timed after its first step; that first step, compile included, is the last column.",
             "",
             table,
         ]
@@ -284,7 +318,7 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
     fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 3.6), squeeze=False)
     for ax, backbone in zip(axes[0], backbones, strict=True):
         mine = [r for r in rows if r.backbone == backbone]
-        for method in METHODS:
+        for method in methods:
             ax.plot(
                 [r.patch for r in mine],
                 [r.rate(method, args.batch) for r in mine],
@@ -310,10 +344,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, help="timed steps per method (default 5)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--compile",
+        type=lambda v: v.lower() in ("1", "true", "yes"),
+        help="also time compile_encoder=True (default: true, false with --quick)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
+    args.compile = not quick if args.compile is None else args.compile
     args.backbones = args.backbones or (
         ["test_resnet"] if quick else ["resnet50", "mobilenetv3_small_050"]
     )

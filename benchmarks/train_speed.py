@@ -58,6 +58,7 @@ from _timing import ForwardClock, environment_line, num, progress, synchronize, 
 from torch import nn
 
 from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier, measure
+from patchgd.memory import resident_bytes
 
 SECTION = "training"
 FIGURE = "train_speed"
@@ -148,16 +149,6 @@ class GDMemory:
             # The process's growth counts allocator slack and library workspaces too.
             footprint = max(footprint, report.rss_bytes - before)
         return cls(footprint, side)
-
-
-def resident_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def free_memory(device: torch.device) -> int | None:

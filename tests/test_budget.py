@@ -68,7 +68,7 @@ def test_downscaled_gd_gets_a_smaller_input_and_keeps_its_weights():
     rebuild = lambda size: DownscaledGDClassifier(**{**args, "input_size": size})  # noqa: E731
     planned, plan = plan_classifier(model, "12MiB", 4, rebuild=rebuild)
     size = plan.config_changes["model.classifier.init_args.input_size"]
-    assert size < 256 and size % 32 == 0 and planned.image_size == (size, size)
+    assert size < 256 and size % 32 == 0 and planned.input_size == (size, size)
     assert plan.batch_size == 4 and plan.predicted_peak_bytes <= 12 * 2**20
     for (name, a), b in zip(model.state_dict().items(), planned.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the same initial weights, only the input size moved

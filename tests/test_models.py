@@ -79,6 +79,54 @@ def test_every_method_gives_the_same_output_shape_and_trains_a_step(name):
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_every_method_states_what_the_application_needs(name):
+    """The ``Classifier`` interface: sizes, steps, parameter groups and the map, per model."""
+    model = MODELS[name]()
+    assert model.image_size == (64, 64) and model.num_classes == 5 and model.in_chans == 3
+    assert model.input_size == ((32, 32) if name == "gd_downscaled" else (64, 64))
+    assert model.plans_input_size == (name == "gd_downscaled")
+    assert model.reads_patches == (name == "patchgd")
+    steps = model.loop.optimizer_steps if name == "patchgd" else 1
+    assert model.optimizer_steps == steps
+    groups = model.param_groups(encoder_lr=1e-4, head_lr=1e-2)
+    assert [(g["name"], g["lr"]) for g in groups] == [("encoder", 1e-4), ("head", 1e-2)]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    head = {id(p) for p in groups[1]["params"]}
+    assert head and head == {id(p) for p in model.head_module().parameters()}
+    images = torch.randn(2, 3, 64, 64)
+    probs, heatmap = model.predict_with_map(images)
+    torch.testing.assert_close(probs, model.predict_proba(images))
+    if name == "patchgd":
+        assert heatmap is not None and heatmap.shape == (2, *model.grid.shape)
+        with torch.no_grad():
+            z = model.eval().fill_z(images)  # as at inference: running statistics
+        torch.testing.assert_close(heatmap, z.norm(dim=1))
+    else:
+        assert heatmap is None
+
+
+def test_the_step_counts_the_patches_its_encoder_read():
+    """``StepResult.patches_encoded`` equals the patches that passed through the encoder, with
+    and without candidates (whose blank patches are not image patches) and with the first
+    inner iteration's patches left out of the fill."""
+    torch.manual_seed(0)
+    model = PatchGDClassifier(
+        "test_resnet", 3, 64, 16, latent_dim=8, in_chans=1, head=HeadConfig(width=8),
+        loop=InnerLoopConfig(patches_per_step=3, max_visit_fraction=0.5),
+    ).train()  # fmt: skip
+    seen = []
+    model.encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    images, targets = torch.randn(2, 1, 64, 64), torch.tensor([0, 2])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    candidates = torch.rand(2, model.grid.num_patches) < 0.5
+    for mask, blanks in ((None, 0), (candidates, 2)):
+        seen.clear()
+        result = model.training_step(images, targets, optimizer, candidates=mask)
+        assert result.patches_encoded == sum(seen) - blanks
+
+
 def test_inference_is_the_head_on_a_filled_z_in_eval_mode_and_restores_modes():
     model = MODELS["patchgd"]().train()
     model.training_step(
@@ -290,3 +338,31 @@ def test_fan_out_init_starts_the_projection_and_head_layer_as_timm_starts_a_mobi
             assert torch.equal(a, b), name
     with pytest.raises(ConfigError, match="linear_init"):
         PatchGDClassifier("test_resnet", 3, 64, 32, linear_init="xavier", **kwargs)
+
+
+def test_a_compiled_encoder_trains_as_the_eager_one_and_keeps_its_state_dict():
+    """``compile_encoder``: the same losses and updates within float32 reassociation, and a
+    state dict with the eager model's keys, so checkpoints move between the two."""
+    head = HeadConfig(width=8, stride1_layers=0, stride2_layers=1, dropout=0.0, norm="none")
+
+    def build(compile_encoder: bool) -> PatchGDClassifier:
+        torch.manual_seed(0)
+        return PatchGDClassifier(
+            "test_resnet", 3, 32, 16, latent_dim=8, in_chans=1, head=head,
+            loop=InnerLoopConfig(patches_per_step=2), compile_encoder=compile_encoder,
+        )  # fmt: skip
+
+    torch._dynamo.reset()  # count this test's graphs only
+    eager, compiled = build(False), build(True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images, targets = torch.randn(2, 2, 1, 32, 32), torch.tensor([[0, 1], [2, 0]])
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        optimizer = torch.optim.SGD(model.train().parameters(), lr=0.1)
+        steps = zip(images, targets, strict=True)
+        losses[name] = [model.training_step(x, y, optimizer).loss for x, y in steps]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    eager.load_state_dict(compiled.state_dict())  # and back: the keys are the same

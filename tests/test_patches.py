@@ -226,13 +226,15 @@ def test_canvas_must_match_the_grid(disk_images):
 def test_collate_lazy_keeps_images_as_a_list_and_stacks_labels(disk_images):
     from torch.utils.data import DataLoader
 
-    from patchgd.data.patches import collate_lazy
+    from patchgd.data.patches import LazyBatch, collate_lazy
 
     items = [
         (LazyImage(p, level, px.shape[:2], (400, 400)), label)
         for (p, level, px), label in zip(disk_images, [2, 0], strict=True)
     ]
-    images, labels = next(iter(DataLoader(items, batch_size=2, collate_fn=collate_lazy)))
+    batch = next(iter(DataLoader(items, batch_size=2, collate_fn=collate_lazy)))
+    assert isinstance(batch, LazyBatch)  # what the Lightning task recognises lazy batches by
+    images, labels = batch
     assert images == [item for item, _ in items]
     assert labels.tolist() == [2, 0] and labels.dtype == torch.long
 

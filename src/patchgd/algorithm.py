@@ -284,6 +284,8 @@ class StepResult:
         plan: the sampled positions, one ``(B, k_j)`` tensor per inner iteration (-1 = none).
         z: Z after the step, detached: the fill's embeddings, and the newest embedding of every
             patch the step re-encoded (what :class:`~patchgd.latent_cache.LatentCache` keeps).
+        patches_encoded: image patches the encoder read, in the fill and the inner iterations
+            (blank patches aside); ``None`` for models that do not read patches.
     """
 
     losses: list[float]
@@ -291,6 +293,7 @@ class StepResult:
     optimizer_steps: int
     plan: SamplePlan
     z: Tensor | None = None
+    patches_encoded: int | None = None
 
     @property
     def loss(self) -> float:
@@ -356,6 +359,7 @@ def train_step(
     check_plan(plan, batch, n, loop)
 
     optimizer.zero_grad(set_to_none=True)
+    encoded = sum(int((p >= 0).sum()) for p in plan)
     if z is not None:  # Z reuse: the caller's Z, never written in place
         if z.shape[0] != batch or z.shape[2:] != grid.shape:
             raise ConfigError(
@@ -363,17 +367,13 @@ def train_step(
             )
         z = z.detach().clone()
     else:
+        skip = first_visits(plan, n, candidates)
+        filled = torch.ones(batch, n, dtype=torch.bool) if candidates is None else candidates
+        if skip is not None:
+            filled = filled.to(skip.device, torch.bool) & ~skip
+        encoded += int(filled.sum())
         with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
-            z = fill_z(
-                encoder,
-                patches,
-                grid,
-                fill_chunk,
-                fill_norm,
-                first_visits(plan, n, candidates),
-                fill_dtype,
-                candidates,
-            )
+            z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, skip, fill_dtype, candidates)
 
     losses: list[Tensor] = []
     out = torch.empty(0)
@@ -406,6 +406,7 @@ def train_step(
         optimizer_steps=loop.optimizer_steps,
         plan=plan,
         z=z,
+        patches_encoded=encoded,
     )
 
 

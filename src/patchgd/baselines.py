@@ -63,10 +63,10 @@ class GDClassifier(Classifier):
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         self.num_classes, self.in_chans = num_classes, in_chans
-        self.image_size = as_pair(image_size, "image_size")
+        self.image_size = self.input_size = as_pair(image_size, "image_size")
         self.backbone = create_backbone(
             backbone,
-            image_size=self.image_size,
+            image_size=self.input_size,
             in_chans=in_chans,
             pretrained=pretrained,
             **{"num_classes": num_classes, **(backbone_kwargs or {})},
@@ -88,6 +88,9 @@ class GDClassifier(Classifier):
 
     def backbone_module(self) -> nn.Module:
         return self.backbone
+
+    def head_module(self) -> nn.Module:
+        return self.backbone.get_classifier()  # timm's last layer
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
@@ -118,6 +121,8 @@ class GDClassifier(Classifier):
 class DownscaledGDClassifier(GDClassifier):
     """GD on images resized (antialiased bilinear) from ``image_size`` down to ``input_size``."""
 
+    plans_input_size = True
+
     def __init__(
         self,
         backbone: str,
@@ -127,12 +132,12 @@ class DownscaledGDClassifier(GDClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, num_classes, input_size, **kwargs)
-        self.source_size = as_pair(image_size, "image_size")
+        self.image_size = as_pair(image_size, "image_size")  # what it takes; input_size: sees
 
     def forward(self, images: Tensor) -> Tensor:
-        if tuple(images.shape[-2:]) != self.image_size:
+        if tuple(images.shape[-2:]) != self.input_size:
             images = F.interpolate(
-                images, size=self.image_size, mode="bilinear", antialias=True, align_corners=False
+                images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False
             )
         return self.backbone(images)
 
@@ -174,11 +179,14 @@ class GDExtendedClassifier(GDClassifier):
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(
-                backbone, image_size=self.image_size, in_chans=in_chans, **kwargs
+                backbone, image_size=self.input_size, in_chans=in_chans, **kwargs
             )
-            shape = _feature_map(probe, torch.empty(1, in_chans, *self.image_size)).shape
+            shape = _feature_map(probe, torch.empty(1, in_chans, *self.input_size)).shape
         self.proj = nn.Conv2d(shape[1], latent_dim, kernel_size=1)
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, (shape[2], shape[3]))
+
+    def head_module(self) -> nn.Module:
+        return nn.ModuleList([self.proj, self.head])
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.proj(_feature_map(self.backbone, images)))

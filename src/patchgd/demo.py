@@ -277,10 +277,6 @@ def decay_schedule(
     )
 
 
-def _input_px(model: Classifier, cfg: DemoConfig) -> int:
-    return model.image_size[0] if isinstance(model, DownscaledGDClassifier) else cfg.canvas_size
-
-
 def run_demo(
     cfg: DemoConfig = DemoConfig(), log: bool = True
 ) -> tuple[list[DemoResult], dict[str, Classifier], FineDetail]:
@@ -313,7 +309,7 @@ def run_demo(
         batch, note = plan.batch_size, ""
         if method == "PatchGD":
             patchgd_batch = batch
-        if method == ACCUMULATED and isinstance(model, GDClassifier):
+        if method == ACCUMULATED and model.micro_batch is not None:
             note = f"micro-batches of {model.micro_batch}, accumulated to batch {batch}"
         say(f"{method:16s} plan: {plan.description}" + (f"; {note}" if note else ""))
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -348,7 +344,7 @@ def run_demo(
                 method,
                 True,
                 batch=batch,
-                input_px=_input_px(model, cfg),
+                input_px=model.input_size[0],
                 val_acc=curve[-1],
                 val_curve=curve,
                 train_loss=losses[-1],

@@ -19,6 +19,8 @@ gradients) are.
 
 from __future__ import annotations
 
+import resource
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,14 +102,31 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; ``None`` off Linux."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _peak_rss() -> int | None:
+    return _status_bytes("VmHWM")  # since the last _reset_peak_rss
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now, in bytes (Linux; ``None`` elsewhere)."""
+    return _status_bytes("VmRSS")
+
+
+def lifetime_peak_rss() -> int:
+    """The process's peak resident memory since it started, in bytes (``ru_maxrss``, which
+    resets never; :func:`measure` gives the peak of one call)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure(fn: Callable[[], T], device: str | torch.device = "cpu") -> tuple[T, MemoryReport]:

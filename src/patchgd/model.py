@@ -62,16 +62,59 @@ def default_fill_chunk(patch_size: int, device: torch.device | str) -> int:
 
 
 class Classifier(nn.Module):
-    """What PatchGD and the baselines share: logits from images, and one training step."""
+    """What PatchGD and the baselines share, and all that the application, the planner and the
+    demo may ask of a model: logits from images, one training step, and the facts below."""
 
     #: Whether the backbone's BatchNorm layers stay in eval mode when the model trains.
     freeze_bn: bool = False
     #: Image channels the model takes (set by every subclass).
     in_chans: int
+    #: Classes it predicts (set by every subclass).
+    num_classes: int
+    #: Whether it takes a :class:`~patchgd.patches.PatchProvider` (images read patch by patch,
+    #: e.g. lazily from disk) wherever it takes an image tensor.
+    reads_patches: bool = False
+    #: ``(height, width)`` of the images it takes from the data (set by every subclass).
+    image_size: tuple[int, int]
+    #: ``(height, width)`` its backbone sees: ``image_size`` except for downscaled GD.
+    input_size: tuple[int, int]
+    #: Whether a memory planner chooses ``input_size`` (downscaled GD: the largest that fits).
+    plans_input_size: bool = False
+    #: Gradient accumulation: images per forward pass within a batch (``None``: the whole batch).
+    micro_batch: int | None = None
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps one :meth:`training_step` takes (PatchGD: ceil(ζ / ε))."""
+        return 1
 
     def backbone_module(self) -> nn.Module:
         """The pretrainable feature extractor, whose BatchNorm ``freeze_bn`` freezes."""
         raise NotImplementedError
+
+    def head_module(self) -> nn.Module:
+        """The layers after the backbone's features, which ``head_lr`` trains."""
+        raise NotImplementedError
+
+    def param_groups(self, encoder_lr: float, head_lr: float) -> Sequence[dict[str, Any]]:
+        """Optimizer parameter groups: the backbone at ``encoder_lr``, the rest at ``head_lr``.
+
+        Every parameter is in exactly one group.
+        """
+        head = {id(p) for p in self.head_module().parameters()}
+        return [
+            {
+                "params": [p for p in self.parameters() if id(p) not in head],
+                "lr": encoder_lr,
+                "name": "encoder",
+            },
+            {"params": list(self.head_module().parameters()), "lr": head_lr, "name": "head"},
+        ]
+
+    def predict_with_map(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Class probabilities (as :meth:`predict_proba`) and a ``(B, rows, cols)`` map of where
+        the model looked, or ``None`` for models without one."""
+        return self.predict_proba(images), None
 
     def train(self, mode: bool = True) -> Classifier:
         """As :meth:`torch.nn.Module.train`, except that with ``freeze_bn`` the backbone's
@@ -150,6 +193,11 @@ class PatchGDClassifier(Classifier):
             the encoder a lower learning rate (``docs/reproduction.md``).
         linear_init: how the encoder's projection to Z and the head's last linear layer start
             (:data:`~patchgd.backbones.LinearInit`).
+        compile_encoder: compile the patch encoder with ``torch.compile`` (in place, so the
+            state dict and checkpoints are unchanged). The first steps pay the compile (1–2
+            minutes for ResNet50 on two CPU cores); measured in docs/benchmarks.md, off by
+            default. Every compiled model in a process adds to dynamo's recompile limit (8 per
+            code object, beyond which it runs eager): compile one model per process.
         z_refresh_every: Z reuse: fill an image's Z on one visit in this many, and otherwise
             start from the Z its previous visit left (:class:`~patchgd.latent_cache.
             LatentCache`; 1, the default, fills at every step as the paper). Needs the images'
@@ -181,6 +229,7 @@ class PatchGDClassifier(Classifier):
         fill_dtype: FillDtype = None,
         freeze_bn: bool = False,
         linear_init: LinearInit = "default",
+        compile_encoder: bool = False,
         z_refresh_every: int = 1,
         seed: int = 0,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -204,6 +253,8 @@ class PatchGDClassifier(Classifier):
             fan_out_init(self.head.fc)
         elif linear_init != "default":
             raise ConfigError(f"linear_init must be 'default' or 'fan_out', got {linear_init!r}")
+        if compile_encoder:
+            self.encoder.compile()
         self.sampler = sampler or RandomPatchSampler(seed)
         self.latent_cache = LatentCache(z_refresh_every)
         self.freeze_bn = freeze_bn
@@ -221,8 +272,33 @@ class PatchGDClassifier(Classifier):
                 raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
             self.fill_chunk = fill_chunk
 
+    reads_patches = True
+
+    @property
+    def image_size(self) -> tuple[int, int]:  # type: ignore[override]
+        return self.grid.image_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:  # type: ignore[override]
+        return self.grid.image_size  # the patches come from the whole image
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.loop.optimizer_steps
+
     def backbone_module(self) -> nn.Module:
         return self.encoder
+
+    def head_module(self) -> nn.Module:
+        return self.head
+
+    def predict_with_map(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Class probabilities and the norm of each position's latent in Z (where the encoder
+        found something), from one fill."""
+        with keep_modes(self), torch.no_grad():
+            self.eval()
+            z = self.fill_z(images)
+            return self.head(z).float().softmax(dim=1), z.float().norm(dim=1)
 
     def chunk_for(self, device: torch.device | str | None = None) -> int:
         """The fill chunk used on ``device`` (default: the encoder's)."""
@@ -343,10 +419,3 @@ class PatchGDClassifier(Classifier):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-
-    def param_groups(self, encoder_lr: float, head_lr: float) -> Sequence[dict[str, Any]]:
-        """Optimizer parameter groups with separate learning rates for encoder and head."""
-        return [
-            {"params": list(self.encoder.parameters()), "lr": encoder_lr, "name": "encoder"},
-            {"params": list(self.head.parameters()), "lr": head_lr, "name": "head"},
-        ]

@@ -22,12 +22,11 @@ import copy
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .baselines import DownscaledGDClassifier, GDClassifier
 from .errors import ConfigError
 from .grid import PatchGrid
 from .memory import MemoryReport, live_training_bytes, measure
@@ -404,12 +403,13 @@ def plan_classifier(
     """
     budget = parse_size(budget)
     device = torch.device(device)
-    if isinstance(classifier, PatchGDClassifier):
+    if classifier.reads_patches:  # PatchGD: the batch, then k and the fill chunk
+        patchgd = cast(PatchGDClassifier, classifier)  # the one model that reads patches
         plan = plan_patchgd(
-            classifier, budget, device=device, max_batch=batch_size, lazy=lazy, log=log
+            patchgd, budget, device=device, max_batch=batch_size, lazy=lazy, log=log
         )
-        loop = replace(classifier.loop_config, patches_per_step=plan.patches_per_step)
-        classifier.configure_loop(loop, fill_chunk=plan.fill_chunk)
+        loop = replace(patchgd.loop_config, patches_per_step=plan.patches_per_step)
+        patchgd.configure_loop(loop, fill_chunk=plan.fill_chunk)
         changes = {
             "data.init_args.batch_size": plan.batch_size,
             "model.classifier.init_args.loop": asdict(loop),
@@ -420,7 +420,7 @@ def plan_classifier(
     else:
         size = _source_side(classifier)
         in_chans = classifier.in_chans
-        if isinstance(classifier, DownscaledGDClassifier):
+        if classifier.plans_input_size:
             if rebuild is None:
                 raise ConfigError("planning downscaled GD needs rebuild(input_size)")
             base = plan_gd(
@@ -433,7 +433,7 @@ def plan_classifier(
                 batch=batch_size,
                 log=log,
             )
-            if base.input_size != classifier.image_size[0]:
+            if base.input_size != classifier.input_size[0]:
                 resized = rebuild(base.input_size)
                 # CNN weights do not depend on the input size: keep the ones already initialised,
                 # so the run equals one configured with this input_size from the start.
@@ -444,7 +444,7 @@ def plan_classifier(
             changes = {"model.classifier.init_args.input_size": base.input_size}
             batch = batch_size
         else:
-            accumulate = isinstance(classifier, GDClassifier) and classifier.micro_batch is not None
+            accumulate = classifier.micro_batch is not None
             base = plan_gd(
                 lambda: copy.deepcopy(classifier),
                 size,
@@ -467,7 +467,7 @@ def plan_classifier(
 
 
 def _source_side(classifier: Classifier) -> int:
-    size = getattr(classifier, "source_size", None) or classifier.image_size
+    size = classifier.image_size
     if size[0] != size[1]:
         raise ConfigError(f"the memory planner plans square images; the model takes {size}")
     return int(size[0])

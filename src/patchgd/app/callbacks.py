@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import resource
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .._io import atomic_write, atomic_write_csv, remove_stale_temps
 from ..errors import one_line
+from ..memory import lifetime_peak_rss
 
 #: The temp files of checkpoints that :func:`~patchgd._io.atomic_write` was killed writing.
 STALE_CHECKPOINT_TEMPS = ".*.ckpt.*.tmp"
@@ -69,8 +68,7 @@ class RunCheckpoint(ModelCheckpoint):
 
 def peak_memory_bytes() -> dict[str, int]:
     """Peak memory so far: CUDA allocator peak when on a GPU, and the process's peak RSS."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peaks = {"process_peak_rss": rss if sys.platform == "darwin" else rss * 1024}
+    peaks = {"process_peak_rss": lifetime_peak_rss()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peaks["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
     return peaks

@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
-from ..algorithm import StepHooks, StepResult, keep_modes
+from ..algorithm import StepHooks, StepResult
+from ..data.patches import LazyBatch
 from ..errors import ConfigError, DivergedError
 from ..memory import live_training_bytes, measure
-from ..model import Classifier, PatchGDClassifier
+from ..model import Classifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 from ..schedule import warmup_then_linear_decay
 from .data import PredictBatch
@@ -174,7 +175,7 @@ class PatchGDTask(L.LightningModule):
                 f"{self.classifier.num_classes}"
             )
         size = getattr(data, "image_size", None)
-        built_for = _built_for(self.classifier)
+        built_for = tuple(self.classifier.image_size)
         if size is not None and tuple(size) != built_for:
             raise ConfigError(
                 f"the data gives {size[0]}×{size[1]} px images but model.classifier was built for "
@@ -192,19 +193,14 @@ class PatchGDTask(L.LightningModule):
     @property
     def steps_per_batch(self) -> int:
         """Optimizer steps per training batch: ceil(ζ/ε) for PatchGD, 1 for GD."""
-        if isinstance(self.classifier, PatchGDClassifier):
-            return self.classifier.loop.optimizer_steps
-        return 1
+        return self.classifier.optimizer_steps
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        if isinstance(self.classifier, PatchGDClassifier):
-            groups = self.classifier.param_groups(
-                hp.lr if hp.encoder_lr is None else hp.encoder_lr,
-                hp.lr if hp.head_lr is None else hp.head_lr,
-            )
-        else:
-            groups = [{"params": list(self.classifier.parameters()), "lr": hp.lr}]
+        groups = self.classifier.param_groups(
+            hp.lr if hp.encoder_lr is None else hp.encoder_lr,
+            hp.lr if hp.head_lr is None else hp.head_lr,
+        )
         optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
         warmup, total = self._schedule_length()
         # LambdaLR gives optimizer step i (0-based) the factor of i + 1: the first step already
@@ -276,11 +272,9 @@ class PatchGDTask(L.LightningModule):
         # logged epoch loss is rank 0's; accuracy and validation are synchronised.
         self.log("train/loss", result.loss, prog_bar=True, on_epoch=True, batch_size=batch_size)
         self.log("train/images_per_s", batch_size / seconds, prog_bar=True, batch_size=batch_size)
-        if isinstance(self.classifier, PatchGDClassifier):
-            patches = sum(int((p >= 0).sum()) for p in result.plan)
-            grid_patches = batch_size * self.classifier.grid.num_patches
-            patches += grid_patches if candidates is None else int(candidates.sum())  # the fill
-            self.log("train/patches_per_s", patches / seconds, prog_bar=True, batch_size=batch_size)
+        if result.patches_encoded is not None:
+            rate = result.patches_encoded / seconds
+            self.log("train/patches_per_s", rate, prog_bar=True, batch_size=batch_size)
         self.log("lr", applied_lr[-1], batch_size=batch_size)  # the rate the last step used
 
     def _refuse_nonfinite_gradients(self, batch_idx: int) -> None:
@@ -402,27 +396,23 @@ class PatchGDTask(L.LightningModule):
 
     def _predict(self, images: Tensor) -> dict[str, Tensor]:
         images = self._to_memory_format(images)
-        classifier = self.classifier
-        if not (self.predict_heatmaps and isinstance(classifier, PatchGDClassifier)):
-            return {"probs": classifier.predict_proba(images)}
-        with keep_modes(classifier), torch.no_grad():
-            classifier.eval()
-            z = classifier.fill_z(images)  # fill once: both the head and the map read it
-            probs = classifier.head(z).float().softmax(dim=1)
-        return {"probs": probs, "patch_norm": z.float().norm(dim=1)}
+        if not self.predict_heatmaps:
+            return {"probs": self.classifier.predict_proba(images)}
+        probs, heatmap = self.classifier.predict_with_map(images)
+        return {"probs": probs} if heatmap is None else {"probs": probs, "patch_norm": heatmap}
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
-        if isinstance(batch, tuple | list) and isinstance(batch[0], list):
+        if isinstance(batch, LazyBatch):
             # LazyImage records stay on the host: their patches reach the device when read.
-            return batch[0], batch[1].to(device)
+            return batch._replace(targets=batch.targets.to(device))
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _prepare(self, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
         images, targets = batch
-        if isinstance(images, list):  # LazyImage records: read patches from disk on demand
-            if not isinstance(self.classifier, PatchGDClassifier):
+        if isinstance(batch, LazyBatch):  # read the patches from disk on demand
+            if not self.classifier.reads_patches:
                 raise ConfigError("lazily read images (data mode: lazy) need PatchGDClassifier")
             grid = self.classifier.grid
             return self.trainer.datamodule.patch_provider(images, grid, self.device), targets
@@ -431,9 +421,9 @@ class PatchGDTask(L.LightningModule):
     def _candidates(self, batch: tuple[Any, Tensor]) -> Tensor | None:
         """Lazy images' tissue patches (``None``: every patch): the only ones the fill encodes
         and the sampler visits, in training and evaluation alike."""
-        if not isinstance(batch[0], list):
+        if not isinstance(batch, LazyBatch):
             return None
-        return self.trainer.datamodule.candidates(batch[0], self.classifier.grid)
+        return self.trainer.datamodule.candidates(batch.images, self.classifier.grid)
 
     def _to_memory_format(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last and isinstance(images, Tensor):
@@ -490,13 +480,6 @@ def nonfinite_as_wrong(logits: Tensor, targets: Tensor) -> Tensor:
     classes = logits.shape[1]
     wrong = F.one_hot((targets + 1) % classes, classes).to(logits.dtype)
     return torch.where(bad[:, None], wrong, logits)
-
-
-def _built_for(classifier: Classifier) -> tuple[int, int]:
-    """The image size a classifier takes as input."""
-    if isinstance(classifier, PatchGDClassifier):
-        return classifier.grid.image_size
-    return tuple(getattr(classifier, "source_size", None) or classifier.image_size)  # type: ignore[return-value]
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ whatever the image size.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,10 +23,21 @@ from .lazy import LazyImage
 from .sources import ImageSource, open_image
 
 
-def collate_lazy(batch: Sequence[tuple[LazyImage, int]]) -> tuple[list[LazyImage], Tensor]:
+class LazyBatch(NamedTuple):
+    """A batch of lazy images: their records (read patch by patch later) and their labels.
+
+    A tuple, so ``images, targets = batch`` works as for a batch of tensors; a type of its own,
+    so the training code tells it from one without looking inside.
+    """
+
+    images: list[LazyImage]
+    targets: Tensor
+
+
+def collate_lazy(batch: Sequence[tuple[LazyImage, int]]) -> LazyBatch:
     """``collate_fn`` for a DataLoader over lazy images: the images as a list, labels stacked."""
     images, labels = zip(*batch, strict=True)
-    return list(images), torch.as_tensor(labels, dtype=torch.long)
+    return LazyBatch(list(images), torch.as_tensor(labels, dtype=torch.long))
 
 
 def image_patches(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
