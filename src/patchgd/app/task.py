@@ -87,8 +87,10 @@ class PatchGDTask(L.LightningModule):
     Args:
         classifier: the model: :class:`~patchgd.PatchGDClassifier` or a GD baseline.
         lr: peak learning rate (Adam), for every parameter unless overridden below.
-        encoder_lr, head_lr: peak learning rates of PatchGD's encoder and head (``None``:
-            ``lr``; 0 leaves that part as it is).
+        encoder_lr, head_lr: peak learning rates of the backbone and of the layers after it
+            (PatchGD: its encoder and head; GD: timm's classifier layer; GD-extended: its
+            projection and head; see ``Classifier.param_groups``). ``None``: ``lr``; 0 leaves
+            that part as it is.
         weight_decay: Adam's weight decay.
         warmup_epochs: linear warm-up from 0 over this many epochs (the paper: 2).
         final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
