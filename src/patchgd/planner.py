@@ -174,7 +174,7 @@ def plan_patchgd(
     """
     budget = parse_size(budget)
     device = torch.device(device)
-    base = model if isinstance(model, PatchGDClassifier) else PatchGDClassifier(**model)
+    base = PatchGDClassifier(**model) if isinstance(model, dict) else model
     work = copy.deepcopy(base)  # trial steps change weights and statistics: never the user's
     in_chans = base.in_chans
     k, n = base.loop.patches_per_step, base.grid.num_patches
