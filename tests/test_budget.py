@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from patchgd import DownscaledGDClassifier, GDClassifier, planner
+from patchgd.app.callbacks import planned_config
 from patchgd.cli import main
 from patchgd.planner import cap_cuda_memory, plan_classifier
 
@@ -53,7 +54,8 @@ def test_gd_gets_the_largest_batch_up_to_the_configured_one():
     model = GDClassifier("test_resnet", 3, 128)
     same, plan = plan_classifier(model, "24MiB", 64)
     assert same is model and 1 <= plan.batch_size < 64
-    assert plan.config_changes == {"data.init_args.batch_size": plan.batch_size}
+    assert plan.classifier_args == {} and plan.batch_planned
+    assert planned_config(plan) == {"data.init_args.batch_size": plan.batch_size}
     assert plan.predicted_peak_bytes <= plan.budget_bytes
     # A larger budget allows a larger batch, but never more than the config asked for.
     wanted = plan.batch_size + 1
@@ -67,7 +69,8 @@ def test_downscaled_gd_gets_a_smaller_input_and_keeps_its_weights():
     model = DownscaledGDClassifier(**args)
     rebuild = lambda size: DownscaledGDClassifier(**{**args, "input_size": size})  # noqa: E731
     planned, plan = plan_classifier(model, "12MiB", 4, rebuild=rebuild)
-    size = plan.config_changes["model.classifier.init_args.input_size"]
+    size = plan.classifier_args["input_size"]
+    assert planned_config(plan) == {"model.classifier.init_args.input_size": size}
     assert size < 256 and size % 32 == 0 and planned.input_size == (size, size)
     assert plan.batch_size == 4 and plan.predicted_peak_bytes <= 12 * 2**20
     for (name, a), b in zip(model.state_dict().items(), planned.state_dict().values(), strict=True):

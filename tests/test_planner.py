@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patchgd import ConfigError, HeadConfig, InnerLoopConfig, PatchGDClassifier
+from patchgd.app.callbacks import planned_config
 from patchgd.cli import main
 from patchgd.memory import measure, optimizer_state_bytes
 from patchgd.planner import parse_size, plan_patchgd
@@ -145,7 +146,8 @@ def test_gd_with_accumulation_gets_the_largest_micro_batch_beside_the_whole_batc
     model, plan = plan_classifier(accumulating, budget, batch)
     micro = model.micro_batch
     assert plan.batch_size == batch and 1 <= micro <= plain.batch_size
-    assert plan.config_changes == {"model.classifier.init_args.micro_batch": micro}
+    assert plan.classifier_args == {"micro_batch": micro} and not plan.batch_planned
+    assert planned_config(plan) == {"model.classifier.init_args.micro_batch": micro}
     assert plan.predicted_peak_bytes <= budget
 
     def peak(m: int) -> int:

@@ -372,13 +372,19 @@ def plan_gd(
 
 @dataclass(frozen=True)
 class ClassifierPlan:
-    """What :func:`plan_classifier` chose, and the config values that say so."""
+    """What :func:`plan_classifier` chose.
+
+    ``classifier_args`` are the planned constructor arguments of the classifier (e.g. ``loop``,
+    ``fill_chunk``, ``input_size``, ``micro_batch``); ``batch_planned`` says whether the batch
+    size was chosen or kept as asked. The application maps them onto its config keys.
+    """
 
     budget_bytes: int
     batch_size: int
     predicted_peak_bytes: int
     description: str
-    config_changes: dict[str, Any]  # dotted config key → planned value
+    classifier_args: dict[str, Any]
+    batch_planned: bool
 
 
 def plan_classifier(
@@ -410,12 +416,8 @@ def plan_classifier(
         )
         loop = replace(patchgd.loop_config, patches_per_step=plan.patches_per_step)
         patchgd.configure_loop(loop, fill_chunk=plan.fill_chunk)
-        changes = {
-            "data.init_args.batch_size": plan.batch_size,
-            "model.classifier.init_args.loop": asdict(loop),
-            "model.classifier.init_args.fill_chunk": plan.fill_chunk,
-        }
-        batch = plan.batch_size
+        args: dict[str, Any] = {"loop": asdict(loop), "fill_chunk": plan.fill_chunk}
+        batch, batch_planned = plan.batch_size, True
         peak, text = plan.peak_bytes, str(plan)
     else:
         size = _source_side(classifier)
@@ -441,8 +443,7 @@ def plan_classifier(
                 with contextlib.suppress(RuntimeError):
                     resized.load_state_dict(classifier.state_dict())
                 classifier = resized
-            changes = {"model.classifier.init_args.input_size": base.input_size}
-            batch = batch_size
+            args, batch, batch_planned = {"input_size": base.input_size}, batch_size, False
         else:
             accumulate = classifier.micro_batch is not None
             base = plan_gd(
@@ -459,11 +460,11 @@ def plan_classifier(
             batch = base.batch_size
             if base.micro_batch is not None:
                 classifier.micro_batch = base.micro_batch
-                changes = {"model.classifier.init_args.micro_batch": base.micro_batch}
+                args, batch_planned = {"micro_batch": base.micro_batch}, False
             else:
-                changes = {"data.init_args.batch_size": batch}
+                args, batch_planned = {}, True
         peak, text = base.peak_bytes, str(base)
-    return classifier, ClassifierPlan(budget, batch, peak, text, changes)
+    return classifier, ClassifierPlan(budget, batch, peak, text, args, batch_planned)
 
 
 def _source_side(classifier: Classifier) -> int:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .._io import atomic_write, atomic_write_csv, remove_stale_temps
 from ..errors import one_line
 from ..memory import lifetime_peak_rss
+from ..planner import ClassifierPlan
 
 #: The temp files of checkpoints that :func:`~patchgd._io.atomic_write` was killed writing.
 STALE_CHECKPOINT_TEMPS = ".*.ckpt.*.tmp"
@@ -66,6 +67,14 @@ class RunCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
+def planned_config(plan: ClassifierPlan) -> dict[str, Any]:
+    """A memory plan as the dotted config keys it sets (what ``config.yaml`` saves)."""
+    changes = {f"model.classifier.init_args.{k}": v for k, v in plan.classifier_args.items()}
+    if plan.batch_planned:
+        changes["data.init_args.batch_size"] = plan.batch_size
+    return changes
+
+
 def peak_memory_bytes() -> dict[str, int]:
     """Peak memory so far: CUDA allocator peak when on a GPU, and the process's peak RSS."""
     peaks = {"process_peak_rss": lifetime_peak_rss()}
@@ -103,7 +112,7 @@ def _memory_plan(task: L.LightningModule) -> dict[str, Any]:
             "predicted_peak_bytes": plan.predicted_peak_bytes,
             "measured_peak_bytes": getattr(task, "measured_peak_bytes", None),
             "plan": plan.description,
-            "planned_config": plan.config_changes,
+            "planned_config": planned_config(plan),
         }
     }
 

@@ -23,6 +23,7 @@ from .callbacks import (
     RunCheckpoint,
     RunSummary,
     TrainingCurves,
+    planned_config,
 )
 from .runs import (
     default_loggers,
@@ -175,7 +176,7 @@ class PatchGDCLI(LightningCLI):
         if classifier is not task.classifier:
             task.set_classifier(classifier)
         task.memory_plan = run_plan
-        for key, value in run_plan.config_changes.items():
+        for key, value in planned_config(run_plan).items():
             config[key] = value  # the saved config.yaml reruns the plan
         rank_zero_info(f"memory plan: {run_plan.description}")
 
