@@ -209,6 +209,8 @@ class PatchGDClassifier(Classifier):
     train with :meth:`training_step`. The sampler's random state is part of ``state_dict()``.
     """
 
+    reads_patches = True  # images or a PatchProvider (lazy images) alike
+
     def __init__(
         self,
         backbone: str,
@@ -271,8 +273,6 @@ class PatchGDClassifier(Classifier):
             if isinstance(fill_chunk, bool) or fill_chunk < 1:
                 raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
             self.fill_chunk = fill_chunk
-
-    reads_patches = True
 
     @property
     def image_size(self) -> tuple[int, int]:  # type: ignore[override]
