@@ -160,6 +160,17 @@ def fill_mode(encoder: nn.Module, norm: FillNorm = "batch") -> Iterator[None]:
         yield
 
 
+def fill_mask(skip: Tensor | None, candidates: Tensor | None) -> Tensor | None:
+    """The ``(B, rows·cols)`` boolean mask, on the CPU, of the patches :func:`fill_z` encodes:
+    the ``candidates`` (every patch without them) less the ``skip`` ones; ``None``: every patch.
+    """
+    encode = None if candidates is None else candidates.to(device="cpu", dtype=torch.bool)
+    if skip is not None:
+        skip = skip.to(device="cpu", dtype=torch.bool)
+        encode = ~skip if encode is None else encode & ~skip
+    return encode
+
+
 def fill_z(
     encoder: nn.Module,
     images: Tensor | PatchProvider,
@@ -202,14 +213,9 @@ def fill_z(
     """
     patches = as_patches(images, grid)
     b, n = patches.batch_size, grid.num_patches
-    encode = None
-    if candidates is not None:
-        if tuple(candidates.shape) != (b, n):
-            raise ConfigError(f"candidates must have shape {(b, n)}, got {tuple(candidates.shape)}")
-        encode = candidates.to(device="cpu", dtype=torch.bool)
-    if skip is not None:
-        skip = skip.to(device="cpu", dtype=torch.bool)
-        encode = ~skip if encode is None else encode & ~skip
+    if candidates is not None and tuple(candidates.shape) != (b, n):
+        raise ConfigError(f"candidates must have shape {(b, n)}, got {tuple(candidates.shape)}")
+    encode = fill_mask(skip, candidates)
     wanted = None if encode is None else encode.flatten().nonzero().squeeze(1)
     blanks = None if candidates is None else patches.blank(torch.arange(b))
     # One autocast region for the whole fill: the weights are cast once, not once per chunk.
@@ -368,10 +374,8 @@ def train_step(
         z = z.detach().clone()
     else:
         skip = first_visits(plan, n, candidates)
-        filled = torch.ones(batch, n, dtype=torch.bool) if candidates is None else candidates
-        if skip is not None:
-            filled = filled.to(skip.device, torch.bool) & ~skip
-        encoded += int(filled.sum())
+        filled = fill_mask(skip, candidates)
+        encoded += batch * n if filled is None else int(filled.sum())
         with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
             z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, skip, fill_dtype, candidates)
 

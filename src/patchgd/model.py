@@ -101,14 +101,12 @@ class Classifier(nn.Module):
 
         Every parameter is in exactly one group.
         """
-        head = {id(p) for p in self.head_module().parameters()}
+        head = list(self.head_module().parameters())
+        ids = {id(p) for p in head}
+        encoder = [p for p in self.parameters() if id(p) not in ids]
         return [
-            {
-                "params": [p for p in self.parameters() if id(p) not in head],
-                "lr": encoder_lr,
-                "name": "encoder",
-            },
-            {"params": list(self.head_module().parameters()), "lr": head_lr, "name": "head"},
+            {"params": encoder, "lr": encoder_lr, "name": "encoder"},
+            {"params": head, "lr": head_lr, "name": "head"},
         ]
 
     def predict_with_map(self, images: Tensor) -> tuple[Tensor, Tensor | None]:

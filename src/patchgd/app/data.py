@@ -367,10 +367,12 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
             named = sorted(
                 p for p in path.rglob("*") if p.name.lower().endswith(tuple(DEFAULT_EXTENSIONS))
             )
-            for p in named:  # a folder, broken link or link loop named like an image
-                if not p.is_file():
+            found = []
+            for p in named:
+                if p.is_file():
+                    found.append(str(p))
+                else:  # a folder, broken link or link loop named like an image
                     logger.warning("skipped %s: not a readable file", p)
-            found = [str(p) for p in named if p.is_file()]
             if not found:
                 logger.warning("skipped %s: a folder with no image in it", path)
             paths += found
