@@ -8,6 +8,7 @@ import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,6 +249,9 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
         assert int(row["predicted"]) == max(range(10), key=probs.__getitem__)
     assert len(list((out / "heatmaps").glob("*.png"))) == 11
+    arrays = sorted((out / "heatmaps").glob("*.npy"))
+    assert len(arrays) == 11
+    assert np.load(arrays[0]).shape == (2, 2)  # the evidence map on the model's 2×2 grid
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def test_head_built_for_one_grid_refuses_another():
     [
         (dict(num_classes=1), "num_classes must be at least 2, got 1"),
         (dict(norm="layer"), "head norm must be 'batch', 'group' or 'none', got 'layer'"),
-        (dict(pool="max"), "head pool must be 'flatten' or 'avg', got 'max'"),
+        (dict(pool="max"), "head pool must be 'flatten', 'avg' or 'attention', got 'max'"),
         (dict(stride2_layers=-1), "stride2_layers=-1"),
     ],
 )

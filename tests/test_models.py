@@ -16,6 +16,7 @@ from patchgd import (
     PatchGDClassifier,
     StepHooks,
 )
+from patchgd.head import evidence
 
 
 def _fixed_batch(size: int = 64, batch: int = 4, classes: int = 3):
@@ -102,7 +103,7 @@ def test_every_method_states_what_the_application_needs(name):
         assert heatmap is not None and heatmap.shape == (2, *model.grid.shape)
         with torch.no_grad():
             z = model.eval().fill_z(images)  # as at inference: running statistics
-        torch.testing.assert_close(heatmap, z.norm(dim=1))
+        torch.testing.assert_close(heatmap, evidence(model.head, z)[1])
     else:
         assert heatmap is None
 

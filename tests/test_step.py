@@ -18,7 +18,7 @@ from patchgd import (
     accumulation_groups,
     train_step,
 )
-from patchgd.algorithm import first_visits
+from patchgd.algorithm import first_visits, infer
 from patchgd.head import LatentHead
 from reference import TinyEncoder, reference_z
 
@@ -301,6 +301,52 @@ def test_with_candidates_the_gradient_is_that_of_candidates_over_a_background_z(
     assert _max_rel_error(captured["head"], expected_head) < 1e-10
     scaled = {n: g * eps for n, g in captured["encoder"].items()}
     assert _max_rel_error(scaled, expected_encoder) < 1e-10
+
+
+@pytest.mark.parametrize("pool", ["avg", "attention"])
+def test_with_candidates_a_pooling_head_never_reads_the_background(pool):
+    """The background embedding (the encoder on a blank patch of ``pad_value``) fills Z
+    outside the candidates; a pooling head masks it out, so changing it changes nothing:
+    not the losses, not the gradients, not the inference logits."""
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[0, [0, 5, 6, 10]] = True
+    candidates[1, [3, 15]] = True
+    runs = []
+    for pad_value in (0.0, 3.0):
+        torch.manual_seed(0)
+        grid = PatchGrid(64, 16, pad_value=pad_value)
+        encoder = TinyEncoder(latent_dim=4).double()
+        # No convolutions on Z: a 3×3 convolution would carry the background into its
+        # neighbours, which the mask keeps (tested in test_head.py).
+        head = LatentHead(4, 3, grid.shape, stride1_layers=0, stride2_layers=0, pool=pool)
+        head = head.double()
+        captured: dict[str, dict[str, torch.Tensor]] = {}
+        result = train_step(
+            encoder,
+            head,
+            grid,
+            images,
+            torch.tensor([0, 2]),
+            torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+            InnerLoopConfig(patches_per_step=1, max_visit_fraction=1.0),
+            RandomPatchSampler(0),
+            candidates=candidates,
+            hooks=StepHooks(
+                optimizer_step=lambda c=captured, e=encoder, h=head: c.update(
+                    head=_grads(h), encoder=_grads(e)
+                )
+            ),
+        )
+        logits = infer(encoder, head, grid, images, candidates=candidates)
+        blank = encoder(torch.full((1, 3, 16, 16), pad_value, dtype=torch.float64))
+        runs.append((result.losses, captured, logits, blank))
+    (losses0, grads0, logits0, blank0), (losses1, grads1, logits1, blank1) = runs
+    assert not torch.allclose(blank0, blank1)  # the background embedding did change
+    assert losses0 == pytest.approx(losses1, rel=1e-12)
+    assert _max_rel_error(grads1["head"], grads0["head"]) < 1e-10
+    assert _max_rel_error(grads1["encoder"], grads0["encoder"]) < 1e-10
+    torch.testing.assert_close(logits1, logits0)
 
 
 def test_when_the_first_iteration_visits_every_candidate_the_fill_still_encodes_them():

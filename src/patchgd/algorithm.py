@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .batchnorm import batch_statistics, keep_modes
 from .errors import ConfigError
 from .grid import PatchGrid
+from .head import read_head
 from .patches import PatchProvider, as_patches
 from .sampler import PatchSampler, SamplePlan, visit_budget
 
@@ -332,7 +333,9 @@ def train_step(
        image's background embedding (:func:`fill_z`), and only candidates are sampled.
     2. For each inner iteration j = 1..ζ: sample k patches per image; re-encode them with
        gradients; write them into a detached copy of Z, so the graph spans only these k·B
-       patches; run the head on all of Z; back-propagate the loss scaled by 1/|group|.
+       patches; run the head on all of Z (with ``candidates``, a pooling
+       :class:`~patchgd.head.LatentHead` reads only the candidate positions); back-propagate
+       the loss scaled by 1/|group|.
        Then keep the new embeddings in Z (detached) for the following iterations.
     3. After every ε inner iterations, and after the last one, step the optimizer. The loss of
        each iteration is divided by the size of its group (ε, or the remainder ζ mod ε for the
@@ -379,6 +382,7 @@ def train_step(
         with hooks.autocast():  # Algorithm 2, less what the first inner iteration re-encodes
             z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, skip, fill_dtype, candidates)
 
+    valid = valid_positions(candidates, grid, z.device)
     losses: list[Tensor] = []
     out = torch.empty(0)
     for group in accumulation_groups(loop.inner_steps, loop.accumulation):
@@ -393,7 +397,7 @@ def train_step(
                     if pos.numel():  # an image without candidates may have nothing to visit
                         emb = _encode(encoder, patches.gather(image_idx, pos))
                         z_j[zi, :, zr, zc] = emb.to(z_j.dtype)  # the graph: active patches only
-                    out = head(z_j)
+                    out = read_head(head, z_j, valid)
                     loss = loss_fn(out, targets)
                 hooks.backward(loss / len(group))
             if pos.numel():
@@ -478,7 +482,16 @@ def infer(
         z = fill_z(
             encoder, images, grid, fill_chunk, "running", dtype=fill_dtype, candidates=candidates
         )
-        return head(z)
+        return read_head(head, z, valid_positions(candidates, grid, z.device))
+
+
+def valid_positions(
+    candidates: Tensor | None, grid: PatchGrid, device: torch.device
+) -> Tensor | None:
+    """``candidates`` ``(B, rows·cols)`` as the head's validity mask ``(B, rows, cols)``."""
+    if candidates is None:
+        return None
+    return candidates.to(device=device, dtype=torch.bool).view(-1, *grid.shape)
 
 
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:

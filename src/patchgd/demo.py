@@ -38,7 +38,7 @@ from .backbones import LinearInit
 from .baselines import DownscaledGDClassifier, GDClassifier, GDExtendedClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
 from .errors import ConfigError
-from .head import HeadConfig
+from .head import HeadConfig, Pool
 from .memory import live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
 from .planner import parse_size, plan_classifier
@@ -68,7 +68,8 @@ class DemoConfig:
     sampling_fraction: float = 0.125
     max_visit_fraction: float = 0.5
     latent_dim: int = 32
-    head_layers: int = 0  # stride-2 convolutions on Z; 0: average-pooled Z, one linear layer
+    head_layers: int = 0  # stride-2 convolutions on Z; 0: Z pooled, one linear layer
+    head_pool: Pool = "avg"  # how the head pools Z: "avg" or "attention" (gated attention-MIL)
     fill_chunk: int = 64
     linear_init: LinearInit = "default"  # PatchGD's projection and head layer (see backbones)
     z_refresh_every: int = 1  # PatchGD's Z reuse: fill each image's Z on one epoch in this many
@@ -120,13 +121,13 @@ def task_config(cfg: DemoConfig) -> FineDetailConfig:
 
 
 def patchgd_head(cfg: DemoConfig) -> HeadConfig:
-    """The head on Z: ``head_layers`` stride-2 convolutions, average pooling, one linear layer."""
+    """The head on Z: ``head_layers`` stride-2 convolutions, ``head_pool``, one linear layer."""
     return HeadConfig(
         width=cfg.latent_dim,
         stride1_layers=0,
         stride2_layers=cfg.head_layers,
         dropout=0.0,
-        pool="avg",
+        pool=cfg.head_pool,
     )
 
 
@@ -442,15 +443,14 @@ def _plot(
             Rectangle((o.left, o.top), o.size, o.size, fill=False, edgecolor=colour, lw=0.8)
         )
     axes[1].set_title("a validation image (red: textured, the evidence)", fontsize=9)
-    if isinstance(patchgd, PatchGDClassifier):
-        image = torch.from_numpy(sample.image)[None, None]
-        patchgd.eval()  # running statistics, as at inference
-        z = patchgd.fill_z(image)[0]
-        # How far each patch's embedding is from the image's typical patch: where Z carries
-        # something other than background.
-        heat = (z - z.flatten(1).median(dim=1).values[:, None, None]).norm(dim=0)
-        axes[2].imshow(heat.numpy(), cmap="magma")
-        axes[2].set_title("PatchGD's Z: distance from the typical patch", fontsize=9)
+    heat = None
+    if patchgd is not None:
+        _, heat = patchgd.predict_with_map(torch.from_numpy(sample.image)[None, None])
+    if heat is not None:
+        # Each patch's contribution to the predicted class's logit (patchgd.head.evidence).
+        limit = float(heat.abs().max()) or 1.0
+        axes[2].imshow(heat[0].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        axes[2].set_title("PatchGD's evidence for its prediction, per patch", fontsize=9)
     else:
         axes[2].set_title("PatchGD did not fit the budget", fontsize=9)
     for ax in axes[1:]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conv import StrideSafeConv2d
 from .errors import ConfigError
 
 Norm = Literal["batch", "group", "none"]
-Pool = Literal["flatten", "avg"]
+Pool = Literal["flatten", "avg", "attention"]
 
 #: Largest input the final linear layer may have with ``pool="flatten"``: beyond this the head
 #: does not reduce the grid enough and would be mostly one huge matrix.
@@ -41,8 +43,10 @@ class LatentHead(nn.Module):
         dropout: Dropout2d probability after each convolution.
         norm: ``"batch"`` (paper), ``"group"`` (GroupNorm, at most 32 groups of 2+ channels;
             independent of the batch size, so batches of one image train), or ``"none"``.
-        pool: ``"flatten"`` (paper; the head then serves one grid shape) or ``"avg"`` (global
-            average pooling; any grid shape, e.g. images of varying size at inference).
+        pool: ``"flatten"`` (paper; the head then serves one grid shape), ``"avg"`` (global
+            average pooling; any grid shape, e.g. images of varying size at inference) or
+            ``"attention"`` (gated attention-MIL pooling, :class:`GatedAttentionPool`; any grid
+            shape, and :meth:`attention` gives each position's weight).
     """
 
     def __init__(
@@ -67,8 +71,8 @@ class LatentHead(nn.Module):
             )
         if norm not in ("batch", "group", "none"):
             raise ConfigError(f"head norm must be 'batch', 'group' or 'none', got {norm!r}")
-        if pool not in ("flatten", "avg"):
-            raise ConfigError(f"head pool must be 'flatten' or 'avg', got {pool!r}")
+        if pool not in ("flatten", "avg", "attention"):
+            raise ConfigError(f"head pool must be 'flatten', 'avg' or 'attention', got {pool!r}")
         rows, cols = grid_shape
         if rows < 1 or cols < 1:
             raise ConfigError(f"grid_shape must be positive, got {grid_shape}")
@@ -98,12 +102,25 @@ class LatentHead(nn.Module):
                     "add stride2_layers or use pool='avg'"
                 )
             self.pool_layer: nn.Module = nn.Flatten()
+        elif pool == "attention":
+            features = channels
+            self.pool_layer = GatedAttentionPool(channels)
         else:
             features = channels
-            self.pool_layer = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.pool_layer = MaskedAveragePool()
         self.fc = nn.Linear(features, num_classes)
+        self.stride2_layers = stride2_layers
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Class logits ``(B, classes)`` from Z ``(B, D, rows, cols)``.
+
+        ``valid`` (optional, ``(B, rows, cols)`` boolean): the positions that hold the image
+        (tissue, not background or padding). The pooling heads read only those: the average
+        is over them, and attention gives every other position exactly zero weight. After
+        stride-2 convolutions a position counts as valid if its 3×3 footprint holds a valid
+        one. An image without any valid position is read whole. The flatten head reads every
+        position whatever ``valid`` says: its layout is fixed.
+        """
         if self.pool == "flatten" and tuple(z.shape[-2:]) != self.grid_shape:
             raise ConfigError(
                 f"the head was built for a {self.grid_shape[0]}×{self.grid_shape[1]} latent grid "
@@ -119,7 +136,99 @@ class LatentHead(nn.Module):
                 "head norm='batch' cannot train on a batch of 1 image whose grid reduces to 1×1; "
                 "use a batch of 2 or more images or head norm='group'"
             )
-        return self.fc(self.pool_layer(self.convs(z)))
+        h = self.convs(z)
+        if self.pool == "flatten":
+            return self.fc(self.pool_layer(h))
+        return self.fc(self.pool_layer(h, self._reduce_mask(valid, h)))
+
+    def attention(self, z: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Each position's attention weight ``(B, rows', cols')``, summing to 1 per image and 0
+        outside ``valid`` (``pool="attention"`` only; the grid after the head's convolutions)."""
+        if not isinstance(self.pool_layer, GatedAttentionPool):
+            raise ConfigError(
+                f"attention weights need pool='attention', this head has {self.pool!r}"
+            )
+        h = self.convs(z)
+        return self.pool_layer.weights(h, self._reduce_mask(valid, h))
+
+    def _reduce_mask(self, valid: Tensor | None, h: Tensor) -> Tensor | None:
+        if valid is None:
+            return None
+        mask = valid.to(device=h.device, dtype=torch.float32)[:, None]
+        for _ in range(self.stride2_layers):  # the footprint of a 3×3, stride-2, padding-1 conv
+            mask = F.max_pool2d(mask, 3, stride=2, padding=1)
+        mask = mask[:, 0] > 0
+        return mask | ~mask.flatten(1).any(dim=1)[:, None, None]  # none valid: read it whole
+
+
+class MaskedAveragePool(nn.Module):
+    """The mean of ``h (B, C, rows, cols)`` over its positions, or over the ``valid`` ones."""
+
+    def forward(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
+        if valid is None:
+            return h.mean(dim=(-2, -1))
+        weights = valid.to(h.dtype)[:, None]
+        return (h * weights).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention-MIL pooling (Ilse, Tomczak and Welling, ICML 2018) over grid positions.
+
+    Each position's feature h gets the score ``w · (tanh(V h) ⊙ sigmoid(U h))``; a softmax over
+    the positions turns the scores into weights, and the output is the weighted sum of the
+    features ``(B, C)``. Unlike the average, the weights let a few informative positions (an
+    object among background) carry the image's features, and they are the heatmap of what
+    the head reads.
+    """
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or max(channels // 2, 8)
+        self.tanh_branch = nn.Conv2d(channels, hidden, 1)
+        self.gate_branch = nn.Conv2d(channels, hidden, 1)
+        self.score = nn.Conv2d(hidden, 1, 1)
+
+    def weights(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Softmax weights ``(B, rows, cols)`` over the positions of ``h (B, C, rows, cols)``;
+        exactly 0 outside ``valid`` (``(B, rows, cols)`` boolean, at least one per image)."""
+        scores = self.score(self.tanh_branch(h).tanh() * self.gate_branch(h).sigmoid())[:, 0]
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        return scores.flatten(1).softmax(dim=1).view_as(scores)
+
+    def forward(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
+        return (h * self.weights(h, valid).unsqueeze(1)).sum(dim=(-2, -1))
+
+
+def read_head(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``head(z)``, or ``head(z, valid)`` when there is a validity mask (``(B, rows, cols)``)."""
+    return head(z) if valid is None else head(z, valid)
+
+
+def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Class probabilities ``(B, classes)`` and each position's evidence ``(B, rows, cols)``.
+
+    With an attention head the evidence is its attention weights (they sum to 1 per image).
+    With any other head it is each position's contribution to the predicted class's logit,
+    gradient × input: ``Σ_d Z[d, r, c] · ∂logit/∂Z[d, r, c]``. For a head that is linear in
+    Z (average pooling and one linear layer) this is exact: the map sums to the logit less
+    its bias. Negative values are evidence against the predicted class. ``valid`` as in
+    :meth:`LatentHead.forward`.
+    """
+    if isinstance(head, LatentHead) and head.pool == "attention":
+        with torch.no_grad():
+            probs = read_head(head, z, valid).float().softmax(dim=1)
+            return probs, head.attention(z, valid).float()
+    # Lightning predicts under inference mode, whose tensors autograd refuses: leave it, and
+    # take copies of Z and the mask made outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        z = z.detach().clone().requires_grad_(True)
+        valid = None if valid is None else valid.clone()
+        logits = read_head(head, z, valid)
+        chosen = logits.gather(1, logits.argmax(dim=1, keepdim=True))
+        (grad,) = torch.autograd.grad(chosen.sum(), z)
+    contribution = (grad * z).sum(dim=1)
+    return logits.detach().float().softmax(dim=1), contribution.detach().float()
 
 
 def _norm_layer(norm: Norm, channels: int) -> nn.Module:

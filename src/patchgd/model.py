@@ -19,6 +19,7 @@ from .algorithm import (
     fill_z,
     infer,
     keep_modes,
+    valid_positions,
 )
 from .algorithm import train_step as patchgd_train_step
 from .backbones import LinearInit, Pretrained, fan_out_init
@@ -26,7 +27,7 @@ from .batchnorm import recalibrating
 from .encoder import PatchEncoder
 from .errors import ConfigError
 from .grid import PadValue, PatchGrid
-from .head import HeadConfig
+from .head import HeadConfig, evidence
 from .latent_cache import LatentCache
 from .patches import PatchProvider
 from .sampler import PatchSampler, RandomPatchSampler
@@ -109,9 +110,12 @@ class Classifier(nn.Module):
             {"params": head, "lr": head_lr, "name": "head"},
         ]
 
-    def predict_with_map(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Class probabilities (as :meth:`predict_proba`) and a ``(B, rows, cols)`` map of where
-        the model looked, or ``None`` for models without one."""
+    def predict_with_map(
+        self, images: Tensor, candidates: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Class probabilities (as :meth:`predict_proba`) and a ``(B, rows, cols)`` map of each
+        position's evidence for the predicted class, or ``None`` for models without one.
+        ``candidates`` (patch models only): the positions that hold the image."""
         return self.predict_proba(images), None
 
     def train(self, mode: bool = True) -> Classifier:
@@ -290,13 +294,16 @@ class PatchGDClassifier(Classifier):
     def head_module(self) -> nn.Module:
         return self.head
 
-    def predict_with_map(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Class probabilities and the norm of each position's latent in Z (where the encoder
-        found something), from one fill."""
-        with keep_modes(self), torch.no_grad():
+    def predict_with_map(
+        self, images: Tensor, candidates: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Class probabilities and each position's evidence for the predicted class, from one
+        fill (see :func:`patchgd.head.evidence`); ``candidates`` as in :meth:`forward`."""
+        with keep_modes(self):
             self.eval()
-            z = self.fill_z(images)
-            return self.head(z).float().softmax(dim=1), z.float().norm(dim=1)
+            with torch.no_grad():
+                z = self.fill_z(images, candidates)
+            return evidence(self.head, z, valid_positions(candidates, self.grid, z.device))
 
     def chunk_for(self, device: torch.device | str | None = None) -> int:
         """The fill chunk used on ``device`` (default: the encoder's)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -244,13 +245,15 @@ class TrainingCurves(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """After ``predict``: ``predictions.csv`` and, when asked, ``heatmaps/*.png`` in the run folder.
+    """After ``predict``: ``predictions.csv`` and, when asked, ``heatmaps/`` in the run folder.
 
     The CSV has one row per image: its id (the file, for ``PredictImagesDataModule``; the index
     otherwise), the predicted class and the probability of every class. Images that could not
-    be read are listed with the reason in ``skipped.csv`` instead. A heatmap shows the norm
-    of each patch's latent vector ``Z[:, r, c]`` over the image (like Figure 5 of the paper);
-    heatmaps come from ``patchgd predict ... --model.predict_heatmaps true`` with PatchGD.
+    be read are listed with the reason in ``skipped.csv`` instead. A heatmap shows each grid
+    position's evidence for the predicted class over the image's thumbnail (a PNG), and the raw
+    ``(rows, cols)`` array beside it (a ``.npy``): the attention weights of an attention head,
+    or each position's contribution to the predicted class's logit (:func:`patchgd.head.evidence`).
+    Heatmaps come from ``patchgd predict ... --model.predict_heatmaps true`` with PatchGD.
     """
 
     def __init__(self) -> None:
@@ -288,19 +291,19 @@ class PredictionWriter(BasePredictionWriter):
                 f"predict: {len(skipped)} of {len(ids) + len(skipped)} images skipped as "
                 f"unreadable, listed in {out / 'skipped.csv'}"
             )
-        norms = [p["patch_norm"] for p in predictions if "patch_norm" in p]
-        if norms:
+        maps = [p["evidence"] for p in predictions if "evidence" in p]
+        if maps:
             dataset = getattr(data, "datasets", {}).get("predict")
             grid = getattr(pl_module.classifier, "grid", None)
-            heatmaps = zip(positions, ids, torch.cat(norms).cpu(), strict=True)
+            heatmaps = zip(positions, ids, torch.cat(maps).cpu(), strict=True)
             _write_heatmaps(out / "heatmaps", heatmaps, dataset, grid)
 
 
 def _write_heatmaps(
     folder: Path, heatmaps: Iterable[tuple[int, str, torch.Tensor]], dataset: Any, grid: Any
 ) -> None:
-    """One PNG per ``(position in dataset, image id, latent norms)``: the image (when the
-    dataset can give it) under its latent-norm map.
+    """One PNG and one ``.npy`` per ``(position in dataset, image id, evidence map)``: the PNG
+    shows the image (when the dataset can give it) under the map, the array is the map itself.
 
     Cells are placed at the grid's stride from the top-left, as the patches are; cells over the
     padding fall outside the image's frame.
@@ -311,17 +314,21 @@ def _write_heatmaps(
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    for index, image_id, norm in heatmaps:
+    for index, image_id, heat in heatmaps:
         fig, ax = plt.subplots(figsize=(5, 5))
         pixels = None
         if dataset is not None and hasattr(dataset, "read_resized"):
             pixels = dataset.read_resized(index)
             ax.imshow(pixels.squeeze(), cmap="gray" if pixels.shape[-1] == 1 else None)
-        rows, cols = norm.shape
+        rows, cols = heat.shape
         step = grid.step if grid is not None else 1
+        # Diverging colours centred on 0: a contribution can count against the class.
+        limit = float(heat.abs().max()) or 1.0
         shown = ax.imshow(
-            norm.numpy(),
-            cmap="magma",
+            heat.numpy(),
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
             alpha=0.55 if pixels is not None else 1.0,
             extent=(0, cols * step, rows * step, 0),
             interpolation="nearest",
@@ -329,9 +336,13 @@ def _write_heatmaps(
         if pixels is not None:
             ax.set_xlim(0, pixels.shape[1])
             ax.set_ylim(pixels.shape[0], 0)
-        fig.colorbar(shown, ax=ax, fraction=0.046, label="|Z[:, r, c]|")
+        fig.colorbar(shown, ax=ax, fraction=0.046, label="evidence for the predicted class")
         ax.set_title(Path(image_id).name, fontsize=9)
         ax.axis("off")
-        name = f"{index:05d}_{Path(image_id).stem}.png"
-        atomic_write(folder / name, lambda handle, f=fig: f.savefig(handle, format="png", dpi=100))
+        name = f"{index:05d}_{Path(image_id).stem}"
+        atomic_write(
+            folder / f"{name}.png", lambda handle, f=fig: f.savefig(handle, format="png", dpi=100)
+        )
         plt.close(fig)
+        array = heat.numpy()
+        atomic_write(folder / f"{name}.npy", lambda handle, a=array: np.save(handle, a))

@@ -96,8 +96,10 @@ class PatchGDTask(L.LightningModule):
         final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
             last epoch (the paper: 0.5).
         channels_last: train in channels-last memory format.
-        predict_heatmaps: with PatchGD, ``predict`` also returns each patch's latent norm, which
-            the prediction writer draws over the image.
+        predict_heatmaps: with PatchGD, ``predict`` also returns each position's evidence for
+            the predicted class (:func:`patchgd.head.evidence`: attention weights, or the
+            contribution to the class's logit), which the prediction writer draws over the image
+            and saves as an array.
         recalibrate_bn_batches: before each validation during ``fit``, set BatchNorm's running
             statistics to those of this many training batches under the current weights
             (:meth:`~patchgd.model.Classifier.recalibrate_batchnorm`), so that validation and
@@ -401,7 +403,7 @@ class PatchGDTask(L.LightningModule):
         if not self.predict_heatmaps:
             return {"probs": self.classifier.predict_proba(images)}
         probs, heatmap = self.classifier.predict_with_map(images)
-        return {"probs": probs} if heatmap is None else {"probs": probs, "patch_norm": heatmap}
+        return {"probs": probs} if heatmap is None else {"probs": probs, "evidence": heatmap}
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
