@@ -134,11 +134,16 @@ def mean_sd(values: Sequence[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def fill_chunk(args: argparse.Namespace) -> int:
-    """The Z-fill chunk a run uses: ``--fill-chunk``, else the library's default for the patch
-    size and device."""
+def fill_chunk(args: argparse.Namespace) -> str:
+    """The Z-fill chunk a run uses, as text: ``--fill-chunk``, else the library's default for
+    each of ``args.backbone`` at the patch size on the device."""
+    from patchgd.encoder import PatchEncoder
     from patchgd.model import default_fill_chunk
 
     if args.fill_chunk is not None:
-        return args.fill_chunk
-    return default_fill_chunk(args.patch_size, args.device)
+        return str(args.fill_chunk)
+    chunks = []
+    for name in args.backbone:
+        largest = PatchEncoder(name, args.patch_size).largest_activation()
+        chunks.append(f"{default_fill_chunk(largest, args.device)} for {name}")
+    return ", ".join(chunks)

@@ -13,8 +13,7 @@ batch, with Adam; repeats are interleaved and the tables give medians.
 The configuration is that of the authors' UltraMNIST code: ResNet50, 512 px images, D = 256,
 1/8 of the grid per inner iteration, ζ = ε = every patch once, batch 4, 6 classes, the paper's
 head; the patch size varies (32 px, the authors' grid of 16 × 16, up to 256 px, the paper's
-UltraMNIST setting). A second table sweeps the fill chunk, in pixels per encoder call, for the
-fill alone: the evidence for the library's default (``patchgd.model.DEFAULT_FILL_PIXELS``).
+UltraMNIST setting). The fill chunk's default has its own benchmark, ``fill_chunk.py``.
 
     python benchmarks/step_speed.py           # resnet50 and mobilenetv3_small_050: ~35 min
     python benchmarks/step_speed.py --quick   # a smoke run (tests), without torch.compile
@@ -50,10 +49,9 @@ from _report import (  # noqa: E402
 )
 from _timing import environment_line, interleaved, num, progress  # noqa: E402
 
-from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks, fill_z  # noqa: E402
-from patchgd.model import DEFAULT_FILL_PIXELS, default_fill_chunk  # noqa: E402
+from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks  # noqa: E402
 
-SECTION, CHUNK_SECTION, FIGURE = "step-speed", "fill-chunk", "step_speed"
+SECTION, FIGURE = "step-speed", "step_speed"
 CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
 METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 fill, CL", "bf16 step", "compiled")
 LABELS = {
@@ -193,29 +191,11 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     return row
 
 
-def chunk_sweep(
-    backbone: str, patch: int, pixels: list[int], args: argparse.Namespace, device: torch.device
-) -> dict[int, float]:
-    """Images per second of the fill alone (training mode, batch statistics) per pixel budget."""
-    torch.manual_seed(0)
-    model = PatchGDClassifier(backbone, CLASSES, args.image, patch, latent_dim=LATENT).to(device)
-    images = torch.randn(args.batch, 3, args.image, args.image, device=device)
-    model.train()
-    chunks = {px: max(1, px // patch**2) for px in pixels}
-    calls = {
-        px: (lambda c=chunks[px]: fill_z(model.encoder, images, model.grid, c)) for px in pixels
-    }
-    seconds = interleaved(calls, args.repeats, device)
-    progress(f"{backbone} patch {patch} fill sweep done")
-    return {px: args.batch / statistics.median(s) for px, s in seconds.items()}
-
-
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], args) -> None:
+def report(rows: list[Row], args) -> None:
     page = output_page(args)
-    device = torch.device(args.device)
     methods = METHODS if args.compile else METHODS[:-1]
     steps = [
         [
@@ -246,23 +226,6 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
         steps,
     )
     print(table)
-    pixels = sorted({px for sweep in sweeps.values() for px in sweep})
-    sweep_table = markdown_table(
-        ["backbone", "patch px", *(f"{px:,} px" for px in pixels), "default"],
-        [
-            [
-                f"`{b}`",
-                p,
-                *(
-                    f"{num(sweep[px])} ({max(1, px // p**2)})" if px in sweep else "–"
-                    for px in pixels
-                ),
-                f"{default_fill_chunk(p, device):,} patches",
-            ]  # fmt: skip
-            for (b, p), sweep in sweeps.items()
-        ],
-    )
-    print(sweep_table)
     if page is None:
         return
     head = "\n".join(
@@ -295,20 +258,6 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
             table,
         ]
     )
-    chunk_text = "\n".join(
-        [
-            head,
-            "",
-            f"### The fill alone, images per second, by pixels per encoder call ({args.image} px, "
-            f"batch {args.batch}, training mode, median of {args.repeats} interleaved repeats)",
-            "",
-            "A call of N pixels encodes N / patch² patches (at least one; in brackets). The "
-            "library's default "
-            f"is {DEFAULT_FILL_PIXELS.get(device.type, 0):,} px per call on {device.type}.",
-            "",
-            sweep_table,
-        ]
-    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,7 +281,6 @@ def report(rows: list[Row], sweeps: dict[tuple[str, int], dict[int, float]], arg
         ax.legend(fontsize=8)
     figure = save_figure(fig, FIGURE, page)
     write_section(SECTION, text + f"\n\n![images per second]({figure.name})", page)
-    write_section(CHUNK_SECTION, chunk_text, page)
 
 
 def main() -> None:
@@ -361,17 +309,12 @@ def main() -> None:
     args.image = args.image or (64 if quick else 512)
     args.repeats = args.repeats or (1 if quick else 5)
     device = torch.device(args.device)
-    base = DEFAULT_FILL_PIXELS.get(device.type, DEFAULT_FILL_PIXELS["cuda"])
-    pixels = sorted({base // 16, base // 4, base, base * 4})
-    rows, sweeps = [], {}
-    for backbone in args.backbones:
-        for patch in args.patches:
-            rows.append(measure_row(backbone, patch, args, device))
-            by_chunk = {max(1, px // patch**2): px for px in reversed(pixels)}  # one per chunk
-            sweeps[(backbone, patch)] = chunk_sweep(
-                backbone, patch, sorted(by_chunk.values()), args, device
-            )
-    report(rows, sweeps, args)
+    rows = [
+        measure_row(backbone, patch, args, device)
+        for backbone in args.backbones
+        for patch in args.patches
+    ]
+    report(rows, args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ SCRIPTS = {
     "patch_size.py": ("patchsize", "finedetail_patch_size.png"),
     "budget_study.py": ("budget-64", "budget_study_64.png"),  # --quick: canvases 64 and 96
     "step_speed.py": ("step-speed", "step_speed.png"),
+    "fill_chunk.py": ("fill-chunk", "fill_chunk.png"),
     "tissue_fill.py": ("tissue-fill", "tissue_fill.png"),
 }
 

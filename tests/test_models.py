@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from patchgd import (
     DownscaledGDClassifier,
@@ -17,6 +20,7 @@ from patchgd import (
     StepHooks,
 )
 from patchgd.head import evidence
+from patchgd.model import DEFAULT_FILL_ACTIVATION, default_fill_chunk
 
 
 def _fixed_batch(size: int = 64, batch: int = 4, classes: int = 3):
@@ -367,3 +371,44 @@ def test_a_compiled_encoder_trains_as_the_eager_one_and_keeps_its_state_dict():
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     eager.load_state_dict(compiled.state_dict())  # and back: the keys are the same
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op returns: a reference that sees every operation,
+    not module outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_the_default_fill_chunk_follows_the_backbones_largest_activation(backbone):
+    """The probe finds the largest tensor of an inference forward of one patch (a CNN's are
+    layer outputs; a ViT's largest is inside its attention, which the probe does not see),
+    leaves the model's modes and statistics as they were, and the default chunk divides the
+    device's budget by it."""
+    model = PatchGDClassifier(backbone, 3, 128, 32, latent_dim=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    largest = model.encoder.largest_activation()
+    assert model.training and model.encoder.backbone.training  # modes restored
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no statistics moved
+    reference = _LargestTensor()
+    backbone_module = copy.deepcopy(model.encoder.backbone).eval()
+    with torch.no_grad(), reference:
+        backbone_module(torch.zeros(1, 3, 32, 32))
+    if backbone == "test_vit":
+        assert 0 < largest < reference.largest
+    else:
+        assert largest == reference.largest
+    assert model.chunk_for("cpu") == max(1, DEFAULT_FILL_ACTIVATION["cpu"] // largest)
+    assert model.chunk_for("cuda") == max(1, DEFAULT_FILL_ACTIVATION["cuda"] // largest)
+    assert default_fill_chunk(10**12, "cpu") == 1  # at least one patch per call

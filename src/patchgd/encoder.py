@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .backbones import Pretrained, create_backbone
+from .batchnorm import keep_modes
 from .errors import require_count
 
 
@@ -54,6 +56,38 @@ class PatchEncoder(nn.Module):
         # Some heads (MobileNetV3, GhostNet, VGG) widen the pooled features with a conv_head.
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.proj = nn.Linear(width, latent_dim)
+        self._largest_activation: int | None = None
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.proj(self.backbone(patches))
+
+    def largest_activation(self) -> int:
+        """Elements of the backbone's largest layer output for one patch (the outputs of its
+        leaf modules; what a layer computes inside, such as a ViT's attention scores, is not
+        seen).
+
+        The speed of a fill call on the CPU follows this size times the patches per call, not
+        their pixels (docs/benchmarks.md, "Fill chunk"). Measured once, by an inference
+        forward of one blank patch with the backbone's layers hooked; modes, statistics and
+        random streams are left as they were.
+        """
+        if self._largest_activation is None:
+            sizes = [0]
+
+            def record(module: nn.Module, args: object, out: object) -> None:
+                if isinstance(out, Tensor):
+                    sizes.append(out.numel())
+
+            leaves = [m for m in self.backbone.modules() if next(m.children(), None) is None]
+            handles = [m.register_forward_hook(record) for m in leaves]
+            weight = next(self.backbone.parameters())
+            blank = weight.new_zeros(1, self.in_chans, self.patch_size, self.patch_size)
+            try:
+                with keep_modes(self.backbone), torch.no_grad():
+                    self.backbone.eval()
+                    self.backbone(blank)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._largest_activation = max(sizes)
+        return self._largest_activation

@@ -34,13 +34,15 @@ from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Pixels per encoder call while filling Z, by device type, when ``fill_chunk`` is not given:
-#: the default chunk is this many pixels' worth of patches (at least one). The time of a call
-#: follows its pixels, not its patch count: on the CPU a call of a few hundred thousand pixels
-#: keeps its activations in the caches and below the allocator's threshold for fresh
-#: (page-faulted) memory, while small patches in small calls leave the cores waiting on per-call
-#: overhead; GPUs want large calls (docs/benchmarks.md, "Fill chunk").
-DEFAULT_FILL_PIXELS: dict[str, int] = {"cpu": 4 * 256**2, "cuda": 256 * 256**2}
+#: Elements of the backbone's largest layer output per encoder call while filling Z, by device
+#: type, when ``fill_chunk`` is not given: the default chunk is as many patches as keep a call's
+#: largest activation at this size (at least one). On the CPU a call's speed follows that size,
+#: not its patch count nor its pixels: calls whose largest activation is about 16 MiB in fp32
+#: filled fastest for ResNet18/50, EfficientNet-B0 and MobileNetV3 alike, which is 262 144 px
+#: of patches for ResNet50 and 1 M px for MobileNetV3-small; much larger calls leave the
+#: caches and the allocator's reused memory, much smaller ones leave the cores waiting on
+#: per-call overhead. GPUs want large calls (docs/benchmarks.md, "Fill chunk").
+DEFAULT_FILL_ACTIVATION: dict[str, int] = {"cpu": 2**22, "cuda": 2**28}
 
 
 #: The precision of the Z-fill: a dtype name (``"bfloat16"``, ``"float16"``), or ``None``.
@@ -55,11 +57,14 @@ def _fill_dtype(name: FillDtype | torch.dtype) -> torch.dtype | None:
     return getattr(torch, name)
 
 
-def default_fill_chunk(patch_size: int, device: torch.device | str) -> int:
-    """Patches per fill call on ``device`` when none is given: :data:`DEFAULT_FILL_PIXELS`
-    worth of ``patch_size`` px patches, at least one."""
-    pixels = DEFAULT_FILL_PIXELS.get(torch.device(device).type, DEFAULT_FILL_PIXELS["cuda"])
-    return max(1, pixels // patch_size**2)
+def default_fill_chunk(largest_activation: int, device: torch.device | str) -> int:
+    """Patches per fill call on ``device`` when none is given, for an encoder whose largest
+    layer output has ``largest_activation`` elements per patch
+    (:meth:`~patchgd.encoder.PatchEncoder.largest_activation`): :data:`DEFAULT_FILL_ACTIVATION`
+    divided by it, at least one."""
+    kind = torch.device(device).type
+    budget = DEFAULT_FILL_ACTIVATION.get(kind, DEFAULT_FILL_ACTIVATION["cuda"])
+    return max(1, budget // max(1, largest_activation))
 
 
 class Classifier(nn.Module):
@@ -182,7 +187,7 @@ class PatchGDClassifier(Classifier):
         loop: k, ζ, ε and the visit cap (:class:`InnerLoopConfig`).
         sampler: the patch sampler (uniform, per image, by default).
         fill_chunk: most patches encoded at once while filling Z; by default
-            :func:`default_fill_chunk` for the patch size and the encoder's device.
+            :func:`default_fill_chunk` for the encoder's largest activation and its device.
         fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
             (see :func:`patchgd.algorithm.fill_mode`).
         fill_dtype: ``"bfloat16"`` runs every Z-fill (training and inference) under bf16
@@ -311,7 +316,7 @@ class PatchGDClassifier(Classifier):
             return self.fill_chunk
         if device is None:
             device = next(self.encoder.parameters()).device
-        return default_fill_chunk(self.grid.patch_size, device)
+        return default_fill_chunk(self.encoder.largest_activation(), device)
 
     def fill_z(self, images: Tensor | PatchProvider, candidates: Tensor | None = None) -> Tensor:
         """Algorithm 2 with the current encoder: Z of shape ``(B, D, rows, cols)``.
