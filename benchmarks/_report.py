@@ -141,9 +141,9 @@ def fill_chunk(args: argparse.Namespace) -> str:
     from patchgd.model import default_fill_chunk
 
     if args.fill_chunk is not None:
-        return str(args.fill_chunk)
+        return f"{args.fill_chunk} patches"
     chunks = []
     for name in args.backbone:
         largest = PatchEncoder(name, args.patch_size).largest_activation()
-        chunks.append(f"{default_fill_chunk(largest, args.device)} for {name}")
+        chunks.append(f"{default_fill_chunk(largest, args.device)} patches for {name}")
     return ", ".join(chunks)

@@ -194,7 +194,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, figure: str | None) -> s
         "",
         "- **GD**: `GDClassifier.forward`, the backbone on the whole image.",
         f"- **PatchGD**: `PatchGDClassifier.forward`: every {args.patch_size} px patch encoded "
-        f"into Z (Algorithm 2, up to {fill_chunk(args)} patches per encoder call, "
+        f"into Z (Algorithm 2, up to {fill_chunk(args)} per encoder call, "
         f"latent_dim {args.latent_dim}), then the head once on Z.",
         "",
         "Both run in eval mode under `torch.no_grad()`"

@@ -79,15 +79,25 @@ def test_evidence_of_an_average_pooled_linear_head_is_each_positions_share_of_th
         )
 
 
-def test_evidence_of_an_attention_head_is_its_attention():
+@pytest.mark.parametrize("stride2_layers", [0, 1])
+def test_evidence_of_an_attention_head_is_its_attention_on_zs_grid(stride2_layers):
     torch.manual_seed(3)
-    head = LatentHead(6, 4, (5, 5), width=6, stride1_layers=1, stride2_layers=0, pool="attention")
-    head.eval()
+    head = LatentHead(
+        6, 4, (5, 5), width=6, stride1_layers=1, stride2_layers=stride2_layers, pool="attention"
+    ).eval()
     z = torch.randn(3, 6, 5, 5)
-    probs, heat = evidence(head, z)
-    torch.testing.assert_close(heat, head.attention(z))
-    torch.testing.assert_close(heat.sum(dim=(1, 2)), torch.ones(3))
-    torch.testing.assert_close(probs, head(z).softmax(dim=1))
+    valid = _valid_mask(3, 5, 5, seed=4)
+    probs, heat = evidence(head, z, valid)
+    torch.testing.assert_close(probs, head(z, valid).softmax(dim=1))
+    weights = head.attention(z, valid)  # on the head's grid: 5×5, or 3×3 after one stride 2
+    assert heat.shape == (3, 5, 5)
+    cell = 2**stride2_layers
+    for r in range(5):
+        for c in range(5):
+            torch.testing.assert_close(heat[:, r, c], weights[:, r // cell, c // cell])
+    if stride2_layers == 0:
+        assert (heat[~valid] == 0).all()
+        torch.testing.assert_close(heat.sum(dim=(1, 2)), torch.ones(3))
 
 
 def _valid_mask(batch: int, rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -349,6 +349,30 @@ def test_with_candidates_a_pooling_head_never_reads_the_background(pool):
     torch.testing.assert_close(logits1, logits0)
 
 
+def test_a_head_of_the_users_own_takes_z_alone_even_with_candidates():
+    grid = PatchGrid(64, 16)
+    encoder = TinyEncoder(latent_dim=4)
+    head = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[:, [1, 4, 9]] = True
+    images = torch.randn(2, 3, 64, 64)
+    result = train_step(
+        encoder,
+        head,
+        grid,
+        images,
+        torch.tensor([0, 1]),
+        torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
+        InnerLoopConfig(patches_per_step=1),
+        RandomPatchSampler(0),
+        candidates=candidates,
+    )
+    assert result.logits.shape == (2, 3)
+    assert infer(encoder, head, grid, images, candidates=candidates).shape == (2, 3)
+
+
 def test_when_the_first_iteration_visits_every_candidate_the_fill_still_encodes_them():
     """Fewer candidates than k: skipping the first iteration's patches would leave the fill
     the blank patches alone, normalised by themselves; the fill encodes the candidates too."""

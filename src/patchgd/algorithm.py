@@ -491,7 +491,7 @@ def valid_positions(
     """``candidates`` ``(B, rows·cols)`` as the head's validity mask ``(B, rows, cols)``."""
     if candidates is None:
         return None
-    return candidates.to(device=device, dtype=torch.bool).view(-1, *grid.shape)
+    return candidates.to(device=device, dtype=torch.bool).reshape(-1, *grid.shape)
 
 
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:

@@ -447,7 +447,8 @@ def _plot(
     if patchgd is not None:
         _, heat = patchgd.predict_with_map(torch.from_numpy(sample.image)[None, None])
     if heat is not None:
-        # Each patch's contribution to the predicted class's logit (patchgd.head.evidence).
+        # Each patch's share of the predicted class's logit, or its attention weight with an
+        # attention head (patchgd.head.evidence).
         limit = float(heat.abs().max()) or 1.0
         axes[2].imshow(heat[0].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
         axes[2].set_title("PatchGD's evidence for its prediction, per patch", fontsize=9)

@@ -167,8 +167,10 @@ class MaskedAveragePool(nn.Module):
     def forward(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
         if valid is None:
             return h.mean(dim=(-2, -1))
-        weights = valid.to(h.dtype)[:, None]
-        return (h * weights).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
+        # Summed in fp32: an fp16 sum over a large grid can overflow where a mean would not.
+        weights = valid.to(torch.float32)[:, None]
+        mean = (h.float() * weights).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
+        return mean.to(h.dtype)
 
 
 class GatedAttentionPool(nn.Module):
@@ -201,24 +203,32 @@ class GatedAttentionPool(nn.Module):
 
 
 def read_head(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> Tensor:
-    """``head(z)``, or ``head(z, valid)`` when there is a validity mask (``(B, rows, cols)``)."""
-    return head(z) if valid is None else head(z, valid)
+    """``head(z)``, or ``head(z, valid)`` for a :class:`LatentHead` (also inside a DDP wrapper)
+    when there is a validity mask ``(B, rows, cols)``; any other head module takes Z alone."""
+    if valid is None or not isinstance(getattr(head, "module", head), LatentHead):
+        return head(z)
+    return head(z, valid)
 
 
 def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Class probabilities ``(B, classes)`` and each position's evidence ``(B, rows, cols)``.
 
-    With an attention head the evidence is its attention weights (they sum to 1 per image).
-    With any other head it is each position's contribution to the predicted class's logit,
-    gradient × input: ``Σ_d Z[d, r, c] · ∂logit/∂Z[d, r, c]``. For a head that is linear in
-    Z (average pooling and one linear layer) this is exact: the map sums to the logit less
-    its bias. Negative values are evidence against the predicted class. ``valid`` as in
-    :meth:`LatentHead.forward`.
+    With an attention head the evidence is its attention weights (they sum to 1 per image over
+    the head's grid; after stride-2 convolutions each Z position shows the weight of the head
+    position whose 2^k × 2^k cell it falls in). With any other head it is each position's
+    contribution to the predicted class's logit, gradient × input:
+    ``Σ_d Z[d, r, c] · ∂logit/∂Z[d, r, c]``. For a head that is linear in Z (average pooling
+    and one linear layer) this is exact: the map sums to the logit less its bias. Negative
+    values are evidence against the predicted class. ``valid`` as in :meth:`LatentHead.forward`.
     """
-    if isinstance(head, LatentHead) and head.pool == "attention":
+    if isinstance(head, LatentHead) and isinstance(head.pool_layer, GatedAttentionPool):
         with torch.no_grad():
-            probs = read_head(head, z, valid).float().softmax(dim=1)
-            return probs, head.attention(z, valid).float()
+            h = head.convs(z)
+            weights = head.pool_layer.weights(h, head._reduce_mask(valid, h))
+            logits = head.fc((h * weights.unsqueeze(1)).sum(dim=(-2, -1)))
+            cell = 2**head.stride2_layers  # back onto Z's grid
+            weights = weights.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+            return logits.float().softmax(dim=1), weights[:, : z.shape[2], : z.shape[3]].float()
     # Lightning predicts under inference mode, whose tensors autograd refuses: leave it, and
     # take copies of Z and the mask made outside it.
     with torch.inference_mode(False), torch.enable_grad():

@@ -336,7 +336,12 @@ def _write_heatmaps(
         if pixels is not None:
             ax.set_xlim(0, pixels.shape[1])
             ax.set_ylim(pixels.shape[0], 0)
-        fig.colorbar(shown, ax=ax, fraction=0.046, label="evidence for the predicted class")
+        fig.colorbar(
+            shown,
+            ax=ax,
+            fraction=0.046,
+            label="evidence (share of the predicted logit, or attention)",
+        )
         ax.set_title(Path(image_id).name, fontsize=9)
         ax.axis("off")
         name = f"{index:05d}_{Path(image_id).stem}"
