@@ -144,12 +144,17 @@ class LatentHead(nn.Module):
     def attention(self, z: Tensor, valid: Tensor | None = None) -> Tensor:
         """Each position's attention weight ``(B, rows', cols')``, summing to 1 per image and 0
         outside ``valid`` (``pool="attention"`` only; the grid after the head's convolutions)."""
+        return self.logits_and_attention(z, valid)[1]
+
+    def logits_and_attention(self, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward`'s logits and :meth:`attention`'s weights from one pass."""
         if not isinstance(self.pool_layer, GatedAttentionPool):
             raise ConfigError(
                 f"attention weights need pool='attention', this head has {self.pool!r}"
             )
         h = self.convs(z)
-        return self.pool_layer.weights(h, self._reduce_mask(valid, h))
+        weights = self.pool_layer.weights(h, self._reduce_mask(valid, h))
+        return self.fc((h * weights.unsqueeze(1)).sum(dim=(-2, -1))), weights
 
     def _reduce_mask(self, valid: Tensor | None, h: Tensor) -> Tensor | None:
         if valid is None:
@@ -199,7 +204,7 @@ class GatedAttentionPool(nn.Module):
         return scores.flatten(1).softmax(dim=1).view_as(scores)
 
     def forward(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
-        return (h * self.weights(h, valid).unsqueeze(1)).sum(dim=(-2, -1))
+        return (h * self.weights(h, valid).unsqueeze(1)).sum(dim=(-2, -1))  # (B, C)
 
 
 def read_head(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -223,9 +228,7 @@ def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[T
     """
     if isinstance(head, LatentHead) and isinstance(head.pool_layer, GatedAttentionPool):
         with torch.no_grad():
-            h = head.convs(z)
-            weights = head.pool_layer.weights(h, head._reduce_mask(valid, h))
-            logits = head.fc((h * weights.unsqueeze(1)).sum(dim=(-2, -1)))
+            logits, weights = head.logits_and_attention(z, valid)
             cell = 2**head.stride2_layers  # back onto Z's grid
             weights = weights.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
             return logits.float().softmax(dim=1), weights[:, : z.shape[2], : z.shape[3]].float()
