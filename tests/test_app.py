@@ -364,8 +364,12 @@ def test_max_steps_counts_optimizer_steps(tmp_path, monkeypatch):
     assert _logged_lr(_run_dir(tmp_path)) == pytest.approx([1e-3, 0.75e-3, 0.5e-3], rel=1e-6)
 
 
-def test_lazy_slides_train_through_the_command_line(tmp_path, monkeypatch):
-    """CSV + pyramidal TIFFs, read patch by patch (mode: lazy) with tissue masks."""
+@pytest.mark.parametrize(
+    "head", ["{width: 8}", "{width: 8, stride1_layers: 0, stride2_layers: 1, pool: attention}"]
+)
+def test_lazy_slides_train_through_the_command_line(tmp_path, monkeypatch, head):
+    """CSV + pyramidal TIFFs, read patch by patch (mode: lazy) with tissue masks; the paper's
+    head, and an attention head that pools the tissue positions only."""
     import numpy as np
 
     from images import smooth_rgb, write_pyramid
@@ -391,7 +395,7 @@ model:
       image_size: [192, 192]
       patch_size: 32
       latent_dim: 8
-      head: {{width: 8}}
+      head: {head}
       loop: {{patches_per_step: 4}}
   warmup_epochs: 0.5
 data:
