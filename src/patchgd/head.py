@@ -153,8 +153,8 @@ class LatentHead(nn.Module):
                 f"attention weights need pool='attention', this head has {self.pool!r}"
             )
         h = self.convs(z)
-        weights = self.pool_layer.weights(h, self._reduce_mask(valid, h))
-        return self.fc((h * weights.unsqueeze(1)).sum(dim=(-2, -1))), weights
+        features, weights = self.pool_layer.pool(h, self._reduce_mask(valid, h))
+        return self.fc(features), weights
 
     def _reduce_mask(self, valid: Tensor | None, h: Tensor) -> Tensor | None:
         if valid is None:
@@ -203,8 +203,13 @@ class GatedAttentionPool(nn.Module):
             scores = scores.masked_fill(~valid, float("-inf"))
         return scores.flatten(1).softmax(dim=1).view_as(scores)
 
+    def pool(self, h: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The pooled features ``(B, C)`` and the weights that pooled them."""
+        weights = self.weights(h, valid)
+        return (h * weights.unsqueeze(1)).sum(dim=(-2, -1)), weights
+
     def forward(self, h: Tensor, valid: Tensor | None = None) -> Tensor:
-        return (h * self.weights(h, valid).unsqueeze(1)).sum(dim=(-2, -1))  # (B, C)
+        return self.pool(h, valid)[0]
 
 
 def read_head(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> Tensor:
