@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from .algorithm import InnerLoopConfig
+from .algorithm import FillNorm, InnerLoopConfig
 from .backbones import LinearInit
 from .baselines import DownscaledGDClassifier, GDClassifier, GDExtendedClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
@@ -71,6 +71,7 @@ class DemoConfig:
     head_layers: int = 0  # stride-2 convolutions on Z; 0: Z pooled, one linear layer
     head_pool: Pool = "avg"  # how the head pools Z: "avg" or "attention" (gated attention-MIL)
     fill_chunk: int = 64
+    fill_norm: FillNorm = "running"  # PatchGD's BatchNorm in the Z-fill: "running" or "batch"
     linear_init: LinearInit = "default"  # PatchGD's projection and head layer (see backbones)
     z_refresh_every: int = 1  # PatchGD's Z reuse: fill each image's Z on one epoch in this many
     baselines: bool = True  # false: PatchGD alone
@@ -152,6 +153,7 @@ def patchgd_model(cfg: DemoConfig, loop: InnerLoopConfig | None = None) -> Patch
             accumulation=cfg.accumulation,
         ),
         fill_chunk=cfg.fill_chunk,
+        fill_norm=cfg.fill_norm,
         linear_init=cfg.linear_init,
         z_refresh_every=cfg.z_refresh_every,
         seed=cfg.seed,

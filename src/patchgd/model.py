@@ -188,8 +188,9 @@ class PatchGDClassifier(Classifier):
         sampler: the patch sampler (uniform, per image, by default).
         fill_chunk: most patches encoded at once while filling Z; by default
             :func:`default_fill_chunk` for the encoder's largest activation and its device.
-        fill_norm: BatchNorm during the fill in training, ``"batch"`` or ``"running"``
-            (see :func:`patchgd.algorithm.fill_mode`).
+        fill_norm: BatchNorm during the fill in training, ``"running"`` (its running
+            statistics, as inference) or ``"batch"`` (each fill chunk's); see
+            :func:`patchgd.algorithm.fill_mode`.
         fill_dtype: ``"bfloat16"`` runs every Z-fill (training and inference) under bf16
             autocast, Z kept in float32: the fast path on GPUs and on CPUs with AVX512-BF16 or
             AMX (docs/benchmarks.md). ``None``: the caller's precision.
@@ -234,7 +235,7 @@ class PatchGDClassifier(Classifier):
         loop: InnerLoopConfig | None = None,
         sampler: PatchSampler | None = None,
         fill_chunk: int | None = None,
-        fill_norm: FillNorm = "batch",
+        fill_norm: FillNorm = "running",
         fill_dtype: FillDtype = None,
         freeze_bn: bool = False,
         linear_init: LinearInit = "default",
