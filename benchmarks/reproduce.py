@@ -664,7 +664,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
     for budget in (p.tight, p.loose):
         for label, group in (
             ("running statistics (this protocol)", "main"),
-            ("batch statistics of each fill chunk (the library's default)", "bn"),
+            ("batch statistics of each fill chunk (`fill_norm: batch`)", "bn"),
         ):
             rs = _group(results, group, "patchgd", budget)
             if rs:
