@@ -75,8 +75,9 @@ def test_bf16_mixed_precision_trains_bit_identically_on_the_cpu(tmp_path, monkey
 
 
 def test_batchnorm_recalibration_before_validation_leaves_training_unchanged(tmp_path, monkeypatch):
-    """With and without recalibration: the same training losses and weights, but the saved
-    running statistics are recalibrated ones (those of the current weights)."""
+    """With and without recalibration: the same training losses and weights in the epoch
+    before it, but the saved running statistics are recalibrated ones (those of the current
+    weights). The next epoch's fills read them (``fill_norm="running"``)."""
     states, losses = {}, {}
     for batches in ("0", "2"):
         (tmp_path / batches).mkdir()

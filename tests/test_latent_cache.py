@@ -163,3 +163,50 @@ def test_refresh_every_one_keeps_nothing_and_bad_values_are_refused():
     for bad in (0, -1, True):
         with pytest.raises(ConfigError, match="z_refresh_every"):
             LatentCache(bad)
+
+
+def test_training_batches_name_their_images_so_fit_reuses_z(tmp_path):
+    """The training loader gives each batch its images' indices in the split (``KeyedBatch``);
+    with ``z_refresh_every=2`` a two-epoch ``fit`` fills every image's Z in the first epoch
+    and starts each step of the second from it (no fill: only the inner iterations encode)."""
+    import lightning as L
+
+    from patchgd.app.data import KeyedBatch, UltraMNISTDataModule
+    from patchgd.app.task import PatchGDTask
+
+    data = UltraMNISTDataModule(
+        canvas_size=64, per_class_train=2, per_class_val=1, per_class_test=1, batch_size=4
+    )
+    data.setup("fit")
+    train = data.datasets["train"]
+    batch = next(iter(data.train_dataloader()))
+    assert isinstance(batch, KeyedBatch)
+    images, targets = batch.batch
+    for image, target, key in zip(images, targets, batch.keys.tolist(), strict=True):
+        expected_image, expected_target = train[key]
+        assert torch.equal(image, expected_image) and int(target) == expected_target
+
+    classifier = PatchGDClassifier(
+        "test_resnet", 10, 64, 32, in_chans=1, latent_dim=8, head=HeadConfig(width=8),
+        loop=InnerLoopConfig(patches_per_step=2), z_refresh_every=2,
+    )  # fmt: skip
+    encoded: list[int] = []
+    step = classifier.training_step
+
+    def counted(*args, **kwargs):
+        result = step(*args, **kwargs)
+        encoded.append(result.patches_encoded)
+        return result
+
+    classifier.training_step = counted  # type: ignore[method-assign]
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(PatchGDTask(classifier, warmup_epochs=0.0), datamodule=data)
+
+    steps = len(train) // 4  # 20 images, batches of 4
+    assert len(encoded) == 2 * steps and len(classifier.latent_cache) == len(train)
+    first, second = encoded[:steps], encoded[steps:]
+    fill = 4 * 4 - 2 * 4  # every patch of the 4 images but those the first iteration re-encodes
+    assert [a - b for a, b in zip(first, second, strict=True)] == [fill] * steps

@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..data.dataset import LargeImageDataset
 from ..data.finedetail import FineDetail, FineDetailConfig
@@ -39,6 +39,43 @@ class _Normalized(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.data[index]
         return (image - self.mean) / self.std, label
+
+
+class KeyedBatch(NamedTuple):
+    """A training batch with its images' indices in the training split.
+
+    The keys let a model keep state per image between visits (PatchGD's Z reuse,
+    ``z_refresh_every``); ``batch`` is what the split's collate gives (``[images, targets]``
+    or a :class:`~patchgd.data.patches.LazyBatch`).
+    """
+
+    batch: Any
+    keys: Tensor
+
+
+class _Keyed(Dataset):
+    """Item i of ``data`` paired with i."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.data[index], index
+
+
+class _KeyedCollate:
+    """Collates ``(item, index)`` pairs into a :class:`KeyedBatch` (a class, so worker
+    processes can pickle it)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, pairs: list[tuple[Any, int]]) -> KeyedBatch:
+        items, keys = zip(*pairs, strict=True)
+        return KeyedBatch(self.collate(list(items)), torch.as_tensor(keys, dtype=torch.long))
 
 
 class EpochShuffle(Sampler[int]):
@@ -81,7 +118,9 @@ class _Loaders(L.LightningDataModule):
         return getattr(data, "channels", None)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.datasets[split]
+        data, collate = self.datasets[split], self._collate()
+        if split == "train":  # training batches name their images: see KeyedBatch
+            data, collate = _Keyed(data), _KeyedCollate(collate)
         return DataLoader(
             data,
             batch_size=self.batch_size,
@@ -91,7 +130,7 @@ class _Loaders(L.LightningDataModule):
             # Its own generator: a loader must not draw its base seed from the global stream,
             # or an extra pass (a resumed run's sanity check) would shift dropout's randomness.
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=self._collate(),
+            collate_fn=collate,
         )
 
     def _collate(self) -> Any:

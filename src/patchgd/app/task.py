@@ -34,7 +34,7 @@ from ..memory import live_training_bytes, measure
 from ..model import Classifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 from ..schedule import warmup_then_linear_decay
-from .data import PredictBatch
+from .data import KeyedBatch, PredictBatch
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -238,7 +238,8 @@ class PatchGDTask(L.LightningModule):
         return warmup, total
 
     # -- steps --------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        batch, keys = _unkeyed(batch)
         images, targets = self._prepare(batch)
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
 
@@ -256,7 +257,9 @@ class PatchGDTask(L.LightningModule):
         hooks = StepHooks(
             backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
         )
-        extra = {} if candidates is None else {"candidates": candidates}
+        extra: dict[str, Any] = {} if candidates is None else {"candidates": candidates}
+        if keys is not None:
+            extra["keys"] = keys
 
         def step() -> StepResult:
             return self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
@@ -368,7 +371,7 @@ class PatchGDTask(L.LightningModule):
             for i, batch in enumerate(data.train_dataloader()):
                 if i == batches:
                     break
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                batch = self.transfer_batch_to_device(_unkeyed(batch)[0], self.device, 0)
                 prepared.append(self._prepare(batch)[0])
                 masks.append(self._candidates(batch))
         if any(mask is not None for mask in masks):  # lazy images: what evaluation encodes
@@ -408,6 +411,10 @@ class PatchGDTask(L.LightningModule):
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
+        if isinstance(batch, KeyedBatch):
+            return batch._replace(
+                batch=self.transfer_batch_to_device(batch.batch, device, dataloader_idx)
+            )
         if isinstance(batch, LazyBatch):
             # LazyImage records stay on the host: their patches reach the device when read.
             return batch._replace(targets=batch.targets.to(device))
@@ -470,6 +477,13 @@ class PatchGDTask(L.LightningModule):
             random.setstate(states["python"])
             if states.get("cuda") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _unkeyed(batch: Any) -> tuple[Any, list[int] | None]:
+    """A batch without its keys, and the keys (``None`` for a batch that has none)."""
+    if isinstance(batch, KeyedBatch):
+        return batch.batch, batch.keys.tolist()
+    return batch, None
 
 
 def nonfinite_as_wrong(logits: Tensor, targets: Tensor) -> Tensor:
