@@ -83,7 +83,9 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
             latent_dim=spec["latent_dim"],
             in_chans=IN_CHANS,
             head=HeadConfig(norm=spec["head_norm"], pool=spec["head_pool"]),
-            loop=InnerLoopConfig(patches_per_step=spec["k"], inner_steps=spec["inner_steps"]),
+            loop=InnerLoopConfig(
+                patches_per_iteration=spec["k"], inner_iterations=spec["inner_iterations"]
+            ),
             fill_chunk=spec["fill_chunk"],
         )
     model = model.to(device).train()
@@ -398,8 +400,9 @@ def report(args: argparse.Namespace, rows: list[Row], figure_name: str | None) -
     )
     patch_desc = (
         f"patch {args.patch} px, latent_dim {args.latent_dim}, k = {args.k} patches per inner "
-        f"iteration (a count, so it does not grow with the grid), ζ = {args.inner_steps} inner "
-        f"iterations and ε = ζ (one optimizer step), fill chunk {args.fill_chunk} patches"
+        f"iteration (a count, so it does not grow with the grid), "
+        f"ζ = {args.inner_iterations} inner iterations and ε = ζ (one optimizer step), "
+        f"fill chunk {args.fill_chunk} patches"
     )
     lines = [
         "## Peak training-step memory against image size",
@@ -460,7 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, help="patch side (default 256; --quick: 128)")
     parser.add_argument("--latent-dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=4, help="patches per inner iteration")
-    parser.add_argument("--inner-steps", type=int, default=2, help="ζ")
+    parser.add_argument("--inner-iterations", type=int, default=2, help="ζ")
     parser.add_argument("--fill-chunk", type=int, default=16)
     parser.add_argument("--head-norm", default="group", choices=["group", "batch", "none"])
     parser.add_argument("--head-pool", default="flatten", choices=["flatten", "avg"])
@@ -518,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "patch": args.patch,
         "latent_dim": args.latent_dim,
         "k": args.k,
-        "inner_steps": args.inner_steps,
+        "inner_iterations": args.inner_iterations,
         "fill_chunk": args.fill_chunk,
         "head_norm": args.head_norm,
         "head_pool": args.head_pool,

@@ -85,7 +85,7 @@ def build(case: Case, input_size: int | None = None) -> Any:
             case.size,
             case.patch,
             head=HeadConfig(),
-            loop=InnerLoopConfig(patches_per_step=case.k),
+            loop=InnerLoopConfig(patches_per_iteration=case.k),
         )
     if case.method == "GD":
         return GDClassifier(case.backbone, NUM_CLASSES, case.size)
@@ -121,8 +121,8 @@ def run_case(case: Case, device: torch.device, check_steps: int) -> dict[str, An
         "case": case,
         "plan": plan,
         "config": (
-            f"patch {case.patch}, batch {batch}, k {loop.patches_per_step}, ζ {loop.inner_steps}, "
-            f"fill chunk {model.chunk_for(device)}"
+            f"patch {case.patch}, batch {batch}, k {loop.patches_per_iteration}, "
+            f"ζ {loop.inner_iterations}, fill chunk {model.chunk_for(device)}"
             if case.method == "PatchGD"
             else f"batch {batch}"
             + (f", input {model.input_size[0]} px" if case.method == "downscaled GD" else "")

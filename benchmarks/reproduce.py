@@ -184,11 +184,11 @@ def plan_runs(p: Protocol) -> list[Run]:
                 "patchgd",
                 p.loose,
                 0,
-                overrides={f"{ARGS}.loop": {"patches_per_step": 1, "accumulation": eps}},
+                overrides={f"{ARGS}.loop": {"patches_per_iteration": 1, "accumulation": eps}},
             )
         )
     for fraction, visit in ((0.1, 1.0), (0.3, 1.0), (0.5, 1.0), (0.1, 0.7), (0.1, 0.5), (0.1, 0.3)):
-        loop = {"patches_per_step": None, "sampling_fraction": fraction}
+        loop = {"patches_per_iteration": None, "sampling_fraction": fraction}
         loop["max_visit_fraction"] = visit
         runs.append(
             Run(

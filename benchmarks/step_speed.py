@@ -130,7 +130,7 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     last.fill_dtype = torch.bfloat16
     row = Row(
-        backbone, patch, args.image, model.loop.patches_per_step, model.loop.inner_steps,
+        backbone, patch, args.image, model.loop.patches_per_iteration, model.loop.inner_iterations,
         model.chunk_for(),
     )  # fmt: skip
     images = torch.randn(args.batch, 3, args.image, args.image, device=device)

@@ -235,7 +235,7 @@ def run_size(
     patchgd = models["full"]
     assert isinstance(patchgd, PatchGDClassifier)
     loops = {
-        m: (models[m].loop.patches_per_step, models[m].loop.inner_steps)  # type: ignore[union-attr]
+        m: (models[m].loop.patches_per_iteration, models[m].loop.inner_iterations)  # type: ignore[union-attr]
         for m in ("full", "half")
     }
     row = Row(backbone, size, batch, patchgd.grid.shape, loops, note)

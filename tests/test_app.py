@@ -153,12 +153,12 @@ def test_a_bad_inner_loop_fails_before_training_in_one_line(tmp_path, monkeypatc
             "--config",
             str(TINY),
             "--model.classifier.init_args.loop",
-            '{"inner_steps": 2, "accumulation": 3}',
+            '{"inner_iterations": 2, "accumulation": 3}',
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "accumulation (ε=3) is larger than inner_steps (ζ=2)" in err[0]
+    assert "accumulation (ε=3) is larger than inner_iterations (ζ=2)" in err[0]
     assert not (tmp_path / "runs").exists()
 
 
@@ -328,7 +328,7 @@ def test_the_schedule_counts_optimizer_steps_not_batches(tmp_path, monkeypatch):
                 "--config",
                 str(TINY),
                 "--model.classifier.init_args.loop",
-                '{"patches_per_step": 2, "accumulation": 1}',
+                '{"patches_per_iteration": 2, "accumulation": 1}',
             ]
         )
         == 0
@@ -356,7 +356,7 @@ def test_max_steps_counts_optimizer_steps(tmp_path, monkeypatch):
                 "--model.warmup_epochs",
                 "0.2",
                 "--model.classifier.init_args.loop",
-                '{"patches_per_step": 2, "accumulation": 1}',
+                '{"patches_per_iteration": 2, "accumulation": 1}',
             ]
         )
         == 0
@@ -397,7 +397,7 @@ model:
       patch_size: 32
       latent_dim: 8
       head: {head}
-      loop: {{patches_per_step: 4}}
+      loop: {{patches_per_iteration: 4}}
   warmup_epochs: 0.5
 data:
   class_path: patchgd.app.data.ImageFolderDataModule

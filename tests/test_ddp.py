@@ -68,7 +68,7 @@ def _classifier(accumulation: int | None = None, dropout: float = 0.2) -> PatchG
         32,
         latent_dim=8,
         head=HeadConfig(width=8, norm="none", dropout=dropout),
-        loop=InnerLoopConfig(patches_per_step=1, accumulation=accumulation),
+        loop=InnerLoopConfig(patches_per_iteration=1, accumulation=accumulation),
     )
 
 

@@ -54,4 +54,4 @@ def test_patchgd_takes_one_optimizer_step_per_accumulation_group(accumulation, s
     )  # fmt: skip
     loop = patchgd_model(cfg).loop
     # 16 patches, k = 2 (1/8), half of them visited: ζ = 4 inner iterations.
-    assert (loop.inner_steps, loop.optimizer_steps) == (4, steps)
+    assert (loop.inner_iterations, loop.optimizer_steps) == (4, steps)

@@ -21,20 +21,23 @@ from patchgd.baselines import _feature_map
     ("loop", "message"),
     [
         (
-            InnerLoopConfig(patches_per_step=17),
-            r"patches_per_step \(k=17\) must be between 1 and "
+            InnerLoopConfig(patches_per_iteration=17),
+            r"patches_per_iteration \(k=17\) must be between 1 and "
             r"the grid's 16 patches",
         ),
-        (InnerLoopConfig(patches_per_step=0), r"patches_per_step \(k=0\)"),
+        (InnerLoopConfig(patches_per_iteration=0), r"patches_per_iteration \(k=0\)"),
         (InnerLoopConfig(sampling_fraction=1.5), r"sampling_fraction must be in \(0, 1\], got 1.5"),
-        (InnerLoopConfig(sampling_fraction=None), "give patches_per_step or sampling_fraction"),
+        (
+            InnerLoopConfig(sampling_fraction=None),
+            "give patches_per_iteration or sampling_fraction",
+        ),
         (InnerLoopConfig(max_visit_fraction=0.0), r"max_visit_fraction must be in \(0, 1\], got 0"),
         (InnerLoopConfig(accumulation=0), r"accumulation \(ε=0\) must be at least 1"),
         (
-            InnerLoopConfig(inner_steps=2, accumulation=3),
-            r"accumulation \(ε=3\) is larger than inner_steps \(ζ=2\)",
+            InnerLoopConfig(inner_iterations=2, accumulation=3),
+            r"accumulation \(ε=3\) is larger than inner_iterations \(ζ=2\)",
         ),
-        (InnerLoopConfig(inner_steps=0), r"inner_steps \(ζ=0\) must be at least 1"),
+        (InnerLoopConfig(inner_iterations=0), r"inner_iterations \(ζ=0\) must be at least 1"),
     ],
 )
 def test_inner_loop_errors_name_the_option(loop, message):
@@ -116,7 +119,7 @@ def test_batchnorm_encoder_with_one_patch_per_step_says_what_to_change():
         32,
         latent_dim=8,
         head=HeadConfig(width=8, norm="group"),
-        loop=InnerLoopConfig(patches_per_step=1),
+        loop=InnerLoopConfig(patches_per_iteration=1),
     )
     with pytest.raises(ConfigError, match="cannot train on 1 patch"):
         model.training_step(

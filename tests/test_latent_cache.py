@@ -32,7 +32,7 @@ def _step(encoder, head, images, z=None, seed=1):
         images,
         torch.tensor([0, 2]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.5),
-        InnerLoopConfig(patches_per_step=2, max_visit_fraction=0.5),
+        InnerLoopConfig(patches_per_iteration=2, max_visit_fraction=0.5),
         RandomPatchSampler(seed),
         z=z,
     )
@@ -100,7 +100,7 @@ def _model(refresh: int) -> PatchGDClassifier:
         latent_dim=8,
         in_chans=1,
         head=HeadConfig(width=8, stride1_layers=0, stride2_layers=1, dropout=0.0, norm="none"),
-        loop=InnerLoopConfig(patches_per_step=4, max_visit_fraction=0.5),
+        loop=InnerLoopConfig(patches_per_iteration=4, max_visit_fraction=0.5),
         z_refresh_every=refresh,
     )
 
@@ -188,7 +188,7 @@ def test_training_batches_name_their_images_so_fit_reuses_z(tmp_path):
 
     classifier = PatchGDClassifier(
         "test_resnet", 10, 64, 32, in_chans=1, latent_dim=8, head=HeadConfig(width=8),
-        loop=InnerLoopConfig(patches_per_step=2), z_refresh_every=2,
+        loop=InnerLoopConfig(patches_per_iteration=2), z_refresh_every=2,
     )  # fmt: skip
     encoded: list[int] = []
     step = classifier.training_step

@@ -89,7 +89,7 @@ def test_patchgd_needs_far_less_than_gd_on_the_same_image():
         latent_dim=16,
         head=HeadConfig(width=16),
         fill_chunk=16,
-        loop=InnerLoopConfig(patches_per_step=1),
+        loop=InnerLoopConfig(patches_per_iteration=1),
     ).train()
     opt = torch.optim.SGD(patchgd.parameters(), lr=0.1)
     _, patch_report = measure(lambda: patchgd.training_step(images, targets, opt))

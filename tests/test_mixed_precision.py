@@ -48,7 +48,7 @@ def _model(seed: int) -> PatchGDClassifier:
         in_chans=1,
         head=HeadConfig(width=8, stride1_layers=0, stride2_layers=2, dropout=0.0),
         # ζ = 4 inner iterations, ε = 1: four optimizer steps inside one outer step.
-        loop=InnerLoopConfig(patches_per_step=4, accumulation=1),
+        loop=InnerLoopConfig(patches_per_iteration=4, accumulation=1),
         seed=seed,
     )
 
@@ -180,7 +180,7 @@ def test_a_training_step_with_a_bf16_fill_stays_near_the_fp32_step():
         head = HeadConfig(width=8, stride1_layers=0, stride2_layers=2, dropout=0.0, norm="none")
         model = PatchGDClassifier(
             "test_efficientnet_gn", 4, 64, 16, latent_dim=8, in_chans=1, head=head,
-            loop=InnerLoopConfig(patches_per_step=4), fill_dtype=fill_dtype,
+            loop=InnerLoopConfig(patches_per_iteration=4), fill_dtype=fill_dtype,
         )  # fmt: skip
         before = copy.deepcopy(model.state_dict())
         optimizer = torch.optim.SGD(model.train().parameters(), lr=1.0)

@@ -38,7 +38,7 @@ def test_cnn_and_vit_backbones_lower_the_loss_on_a_tiny_fixed_batch(backbone):
         32,
         latent_dim=32,
         head=HeadConfig(width=32, dropout=0.0),
-        loop=InnerLoopConfig(patches_per_step=2),
+        loop=InnerLoopConfig(patches_per_iteration=2),
     ).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     # 16 steps: with the default fill chunk (all 16 patches in one call, so BatchNorm's batch
@@ -119,7 +119,7 @@ def test_the_step_counts_the_patches_its_encoder_read():
     torch.manual_seed(0)
     model = PatchGDClassifier(
         "test_resnet", 3, 64, 16, latent_dim=8, in_chans=1, head=HeadConfig(width=8),
-        loop=InnerLoopConfig(patches_per_step=3, max_visit_fraction=0.5),
+        loop=InnerLoopConfig(patches_per_iteration=3, max_visit_fraction=0.5),
     ).train()  # fmt: skip
     seen = []
     model.encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
@@ -273,7 +273,7 @@ def test_frozen_backbone_batchnorm_keeps_its_statistics_while_everything_else_tr
     # One image and one patch per inner iteration: trainable only with frozen BatchNorm.
     images, targets = torch.randn(1, 3, 64, 64), torch.tensor([3])
     if name == "patchgd":
-        model.configure_loop(InnerLoopConfig(patches_per_step=1))
+        model.configure_loop(InnerLoopConfig(patches_per_iteration=1))
     model.training_step(images, targets, torch.optim.SGD(model.parameters(), lr=0.1))
     for m, (mean, var) in zip(norms, stats, strict=True):
         assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
@@ -354,7 +354,7 @@ def test_a_compiled_encoder_trains_as_the_eager_one_and_keeps_its_state_dict():
         torch.manual_seed(0)
         return PatchGDClassifier(
             "test_resnet", 3, 32, 16, latent_dim=8, in_chans=1, head=head,
-            loop=InnerLoopConfig(patches_per_step=2), compile_encoder=compile_encoder,
+            loop=InnerLoopConfig(patches_per_iteration=2), compile_encoder=compile_encoder,
         )  # fmt: skip
 
     torch._dynamo.reset()  # count this test's graphs only

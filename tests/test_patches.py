@@ -93,7 +93,7 @@ def test_any_provider_fills_and_trains_like_the_in_memory_batch():
             pad_value=0.25,
             latent_dim=8,
             head=HeadConfig(width=8, dropout=0.0),
-            loop=InnerLoopConfig(patches_per_step=4, accumulation=2),
+            loop=InnerLoopConfig(patches_per_iteration=4, accumulation=2),
         ).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         losses = model.training_step(source_of(model.grid), targets, opt).losses
@@ -203,7 +203,7 @@ def test_training_on_lazy_images_equals_training_on_the_decoded_batch(disk_image
             stride=40,
             latent_dim=8,
             head=HeadConfig(width=8, dropout=0.2),  # dropout draws from the global RNG
-            loop=InnerLoopConfig(patches_per_step=6),
+            loop=InnerLoopConfig(patches_per_iteration=6),
         )
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         result = model.training_step(batch_of(model.grid), torch.tensor([1, 3]), opt)
@@ -273,7 +273,7 @@ def test_the_readme_loop_trains_on_lazy_slides_with_tissue_candidates(tmp_path):
         32,
         latent_dim=8,
         head=HeadConfig(width=8),
-        loop=InnerLoopConfig(patches_per_step=4),
+        loop=InnerLoopConfig(patches_per_iteration=4),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     masks = TissueMasks(cache_dir=tmp_path / "masks", max_side=128)

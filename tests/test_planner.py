@@ -18,7 +18,7 @@ KWARGS = dict(
     patch_size=32,
     latent_dim=16,
     head=HeadConfig(width=16),
-    loop=InnerLoopConfig(patches_per_step=4),
+    loop=InnerLoopConfig(patches_per_iteration=4),
 )
 
 
@@ -28,7 +28,7 @@ def test_the_planned_configuration_runs_under_its_budget(budget_mib):
     plan = plan_patchgd(KWARGS, budget)
     assert plan.peak_bytes <= budget and plan.batch_size >= 2
     # Run the plan again, from scratch: weights + batch + the step's own peak.
-    loop = InnerLoopConfig(patches_per_step=plan.patches_per_step)
+    loop = InnerLoopConfig(patches_per_iteration=plan.patches_per_iteration)
     model = PatchGDClassifier(**{**KWARGS, "loop": loop, "fill_chunk": plan.fill_chunk}).train()
     images = torch.randn(plan.batch_size, 3, 128, 128)
     targets = torch.arange(plan.batch_size) % 3
@@ -127,9 +127,9 @@ def test_patchgd_whose_encoder_cannot_train_on_one_image_is_planned_from_two():
     """A linear head has no norm, but one patch per inner iteration through the encoder's
     BatchNorm cannot train: a batch of one is invalid, and the plan starts from two."""
     kwargs = {**KWARGS, "head": HeadConfig(stride1_layers=0, stride2_layers=0, dropout=0.0)}
-    kwargs["loop"] = InnerLoopConfig(patches_per_step=1)
+    kwargs["loop"] = InnerLoopConfig(patches_per_iteration=1)
     plan = plan_patchgd(kwargs, 64 * 2**20, max_batch=4)
-    assert 2 <= plan.batch_size <= 4 and plan.patches_per_step == 1
+    assert 2 <= plan.batch_size <= 4 and plan.patches_per_iteration == 1
 
 
 def test_gd_with_accumulation_gets_the_largest_micro_batch_beside_the_whole_batch():

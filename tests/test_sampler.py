@@ -15,15 +15,20 @@ def _plan(
     fraction: float,
     cap: float,
     batch: int = 4,
-    inner_steps: int | None = None,
+    inner_iterations: int | None = None,
     seed: int = 0,
     candidates: torch.Tensor | None = None,
 ):
     loop = InnerLoopConfig(
-        sampling_fraction=fraction, max_visit_fraction=cap, inner_steps=inner_steps
+        sampling_fraction=fraction, max_visit_fraction=cap, inner_iterations=inner_iterations
     ).resolve(n)
     plan = RandomPatchSampler(seed).plan(
-        batch, n, loop.patches_per_step, loop.inner_steps, loop.max_visit_fraction, candidates
+        batch,
+        n,
+        loop.patches_per_iteration,
+        loop.inner_iterations,
+        loop.max_visit_fraction,
+        candidates,
     )
     return loop, plan
 
@@ -32,11 +37,11 @@ def _plan(
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 1.0])
 def test_full_cap_visits_every_patch_exactly_once_per_image(n, fraction):
     loop, plan = _plan(n, fraction, 1.0)
-    assert len(plan) == loop.inner_steps == math.ceil(n / loop.patches_per_step)
+    assert len(plan) == loop.inner_iterations == math.ceil(n / loop.patches_per_iteration)
     for b in range(4):
         visited = [p for step in plan for p in step[b].tolist() if p >= 0]
         assert sorted(visited) == list(range(n))
-    assert all(step.shape[1] <= loop.patches_per_step for step in plan)
+    assert all(step.shape[1] <= loop.patches_per_iteration for step in plan)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +58,10 @@ def test_cap_limits_distinct_patches_and_images_draw_independently(n, fraction, 
     assert len(set(sets)) > 1, "every image drew the same patches"
 
 
-def test_more_inner_steps_than_one_walk_revisit_only_the_visit_set():
-    loop, plan = _plan(20, 0.25, 0.5, batch=3, inner_steps=7)  # k = 5, visit set 10, 2 per walk
+def test_more_inner_iterations_than_one_walk_revisit_only_the_visit_set():
+    loop, plan = _plan(
+        20, 0.25, 0.5, batch=3, inner_iterations=7
+    )  # k = 5, visit set 10, 2 per walk
     assert len(plan) == 7
     for b in range(3):
         first_walk = {p for step in plan[:2] for p in step[b].tolist()}
@@ -96,5 +103,5 @@ def test_same_seed_same_plan_and_state_dict_resumes_the_stream():
 
 def test_walks_are_split_into_balanced_iterations():
     loop, plan = _plan(9, 4 / 9, 1.0, batch=2)
-    assert loop.patches_per_step == 4 and loop.inner_steps == 3
+    assert loop.patches_per_iteration == 4 and loop.inner_iterations == 3
     assert [step.shape[1] for step in plan] == [3, 3, 3]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from patchgd import (
+    ConfigError,
     HeadConfig,
     InnerLoopConfig,
     PatchGDClassifier,
@@ -57,7 +58,7 @@ def test_accumulated_gradients_equal_the_full_image_gradient(backbone, image, pa
             latent_dim=8,
             pad_value=0.3,
             head=HeadConfig(width=16, dropout=0.0, norm="batch"),
-            loop=InnerLoopConfig(patches_per_step=k, max_visit_fraction=1.0),
+            loop=InnerLoopConfig(patches_per_iteration=k, max_visit_fraction=1.0),
         )
         .double()
         .train()
@@ -65,7 +66,7 @@ def test_accumulated_gradients_equal_the_full_image_gradient(backbone, image, pa
     images = torch.randn(3, 3, image, image, dtype=torch.float64)
     targets = torch.tensor([0, 3, 4])
     eps = model.loop.accumulation
-    assert eps == model.loop.inner_steps == math.ceil(model.grid.num_patches / k) > 1
+    assert eps == model.loop.inner_iterations == math.ceil(model.grid.num_patches / k) > 1
 
     # The slow, obvious reference: every patch encoded with gradients, head on the full Z.
     model.zero_grad()
@@ -109,7 +110,7 @@ def test_patches_not_sampled_in_an_iteration_get_no_gradient_from_it():
         images,
         torch.tensor([1, 2]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.01),
-        InnerLoopConfig(patches_per_step=5, accumulation=2),
+        InnerLoopConfig(patches_per_iteration=5, accumulation=2),
         RandomPatchSampler(3),
         hooks=StepHooks(backward=backward),
     )
@@ -126,29 +127,44 @@ def test_patches_not_sampled_in_an_iteration_get_no_gradient_from_it():
                     assert block == 0, f"patch {flat} of image {b} was not sampled but got gradient"
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("inner_iterations", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
 @pytest.mark.parametrize("cap", [0.3, 1.0])
-def test_optimizer_steps_per_outer_step_are_ceil_zeta_over_epsilon(inner_steps, fraction, cap):
+def test_optimizer_steps_per_outer_step_are_ceil_zeta_over_epsilon(inner_iterations, fraction, cap):
     grid = PatchGrid(40, 8)  # 5 × 5 = 25 patches
     encoder, head = TinyEncoder(latent_dim=4), LatentHead(4, 3, grid.shape, width=4, norm="none")
     opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.01)
     images, targets = torch.randn(2, 3, 40, 40), torch.tensor([0, 2])
-    for eps in range(1, inner_steps + 1):
+    for eps in range(1, inner_iterations + 1):
         calls: list[int] = []
         loop = InnerLoopConfig(
             sampling_fraction=fraction,
             max_visit_fraction=cap,
-            inner_steps=inner_steps,
+            inner_iterations=inner_iterations,
             accumulation=eps,
         )
         hooks = StepHooks(optimizer_step=lambda calls=calls: calls.append(1))
         result = train_step(
             encoder, head, grid, images, targets, opt, loop, RandomPatchSampler(0), hooks=hooks
         )
-        assert len(calls) == result.optimizer_steps == math.ceil(inner_steps / eps) >= 1
-        assert len(result.losses) == inner_steps
+        assert len(calls) == result.optimizer_steps == math.ceil(inner_iterations / eps) >= 1
+        assert len(result.losses) == inner_iterations
         assert loop.resolve(grid.num_patches).optimizer_steps == len(calls)
+
+
+def test_the_old_names_of_k_and_zeta_still_work_for_one_release_with_a_warning():
+    with pytest.warns(
+        FutureWarning, match="patches_per_step=...\\) is deprecated; use patches_per_it"
+    ):
+        loop = InnerLoopConfig(patches_per_step=3, inner_steps=2)
+    assert loop == InnerLoopConfig(patches_per_iteration=3, inner_iterations=2)
+    resolved = loop.resolve(16)
+    with pytest.warns(FutureWarning, match="ResolvedLoop.inner_steps is deprecated"):
+        assert resolved.inner_steps == 2
+    with pytest.raises(ConfigError, match="patches_per_iteration or its deprecated name"):
+        InnerLoopConfig(patches_per_iteration=2, patches_per_step=3)
+    with pytest.raises(AttributeError, match="no attribute 'zeta'"):
+        resolved.zeta  # noqa: B018
 
 
 def test_accumulation_groups_cover_every_inner_iteration_once():
@@ -179,7 +195,7 @@ def test_each_step_averages_its_group_including_the_remainder():
         torch.randn(2, 3, 32, 32, dtype=torch.float64),
         torch.tensor([0, 1]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.0),
-        InnerLoopConfig(patches_per_step=1, inner_steps=3, accumulation=2),
+        InnerLoopConfig(patches_per_iteration=1, inner_iterations=3, accumulation=2),
         RandomPatchSampler(0),
         hooks=StepHooks(backward=backward),
     ).losses
@@ -204,7 +220,7 @@ def test_z_carries_the_newest_embedding_of_each_patch_into_later_iterations():
         images,
         torch.tensor([0, 2]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.5),
-        InnerLoopConfig(patches_per_step=2, inner_steps=5, accumulation=1),
+        InnerLoopConfig(patches_per_iteration=2, inner_iterations=5, accumulation=1),
         RandomPatchSampler(1),
         fill_chunk=1000,
     )
@@ -228,7 +244,7 @@ def test_z_carries_the_newest_embedding_of_each_patch_into_later_iterations():
             assert not torch.allclose(emb, filled[image_idx, :, pos // 3, pos % 3])
 
 
-def test_default_inner_steps_follow_the_candidates_and_visit_each_once():
+def test_default_inner_iterations_follow_the_candidates_and_visit_each_once():
     grid = PatchGrid(64, 16)  # 16 patches
     encoder, head = TinyEncoder(latent_dim=4), LatentHead(4, 3, grid.shape, width=8, norm="none")
     candidates = torch.zeros(3, 16, dtype=torch.bool)
@@ -242,7 +258,7 @@ def test_default_inner_steps_follow_the_candidates_and_visit_each_once():
         torch.randn(3, 3, 64, 64),
         torch.tensor([0, 1, 2]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
-        InnerLoopConfig(patches_per_step=2),
+        InnerLoopConfig(patches_per_iteration=2),
         RandomPatchSampler(0),
         candidates=candidates,
         hooks=StepHooks(optimizer_step=lambda: steps.append(1)),
@@ -289,7 +305,7 @@ def test_with_candidates_the_gradient_is_that_of_candidates_over_a_background_z(
         images,
         targets,
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
-        InnerLoopConfig(patches_per_step=1, max_visit_fraction=1.0),
+        InnerLoopConfig(patches_per_iteration=1, max_visit_fraction=1.0),
         RandomPatchSampler(0),
         candidates=candidates,
         hooks=StepHooks(
@@ -329,7 +345,7 @@ def test_with_candidates_a_pooling_head_never_reads_the_background(pool):
             images,
             torch.tensor([0, 2]),
             torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
-            InnerLoopConfig(patches_per_step=1, max_visit_fraction=1.0),
+            InnerLoopConfig(patches_per_iteration=1, max_visit_fraction=1.0),
             RandomPatchSampler(0),
             candidates=candidates,
             hooks=StepHooks(
@@ -365,7 +381,7 @@ def test_a_head_of_the_users_own_takes_z_alone_even_with_candidates():
         images,
         torch.tensor([0, 1]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
-        InnerLoopConfig(patches_per_step=1),
+        InnerLoopConfig(patches_per_iteration=1),
         RandomPatchSampler(0),
         candidates=candidates,
     )
@@ -392,7 +408,7 @@ def test_when_the_first_iteration_visits_every_candidate_the_fill_still_encodes_
         torch.randn(2, 3, 64, 64),
         torch.tensor([0, 1]),
         torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1),
-        InnerLoopConfig(patches_per_step=4),
+        InnerLoopConfig(patches_per_iteration=4),
         RandomPatchSampler(0),
         candidates=candidates,
     )
@@ -409,7 +425,7 @@ def test_running_statistics_count_exactly_the_inner_iterations():
         16,
         latent_dim=8,
         head=HeadConfig(width=8),
-        loop=InnerLoopConfig(patches_per_step=3),  # 16 patches -> ζ = 6
+        loop=InnerLoopConfig(patches_per_iteration=3),  # 16 patches -> ζ = 6
     ).train()
     bn = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -452,6 +468,6 @@ def test_a_custom_sampler_with_a_bad_plan_is_refused(mutate, message):
             torch.randn(2, 3, 32, 64),
             torch.tensor([0, 1]),
             torch.optim.SGD(encoder.parameters(), lr=0.1),
-            InnerLoopConfig(patches_per_step=2),
+            InnerLoopConfig(patches_per_iteration=2),
             _BadSampler(mutate),
         )

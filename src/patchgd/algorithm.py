@@ -9,10 +9,11 @@ through :class:`StepHooks` (backward, optimizer step, mixed precision, gradient 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,12 @@ from .patches import PatchProvider, as_patches
 from .sampler import PatchSampler, SamplePlan, visit_budget
 
 FillNorm = Literal["batch", "running"]
+
+#: Old names of :class:`InnerLoopConfig` fields, accepted with a warning for one release.
+DEPRECATED_LOOP_NAMES = {
+    "patches_per_step": "patches_per_iteration",
+    "inner_steps": "inner_iterations",
+}
 
 
 def check_fill_norm(norm: str) -> None:
@@ -41,25 +48,42 @@ def check_fill_norm(norm: str) -> None:
 class InnerLoopConfig:
     """How one outer step (one batch) is split into inner iterations.
 
-    Give the patches per inner iteration either as a count (``patches_per_step``, k) or as a
+    Give the patches per inner iteration either as a count (``patches_per_iteration``, k) or as a
     fraction of the grid (``sampling_fraction``, k = ceil(fraction · m·n)); the paper's best
     PANDA setting is 10 %.
 
     Args:
-        patches_per_step: k, patches re-encoded with gradients per image per inner iteration.
+        patches_per_iteration: k, patches re-encoded with gradients per image per inner iteration.
         sampling_fraction: k as a fraction of the grid, in (0, 1]; used when k is not given.
         max_visit_fraction: cap on the fraction of an image's patches visited per outer step.
-        inner_steps: ζ; by default just enough to visit the capped set once:
+        inner_iterations: ζ; by default just enough to visit the capped set once:
             ``ceil(ceil(max_visit_fraction · m·n) / k)``.
         accumulation: ε, inner iterations whose gradients are averaged into one optimizer step;
             by default ε = ζ (one step per batch: exact gradient descent, see :func:`train_step`).
+        patches_per_step, inner_steps: deprecated names of ``patches_per_iteration`` and
+            ``inner_iterations`` (a warning; configs written with them still load).
     """
 
-    patches_per_step: int | None = None
+    patches_per_iteration: int | None = None
     sampling_fraction: float | None = 0.1
     max_visit_fraction: float = 1.0
-    inner_steps: int | None = None
+    inner_iterations: int | None = None
     accumulation: int | None = None
+    patches_per_step: int | None = None  # deprecated: patches_per_iteration
+    inner_steps: int | None = None  # deprecated: inner_iterations
+
+    def __post_init__(self) -> None:
+        for old, new in DEPRECATED_LOOP_NAMES.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            warnings.warn(
+                f"InnerLoopConfig({old}=...) is deprecated; use {new}", FutureWarning, stacklevel=3
+            )
+            if getattr(self, new) is not None and getattr(self, new) != value:
+                raise ConfigError(f"give {new} or its deprecated name {old}, not both")
+            object.__setattr__(self, new, value)
+            object.__setattr__(self, old, None)
 
     def resolve(self, num_patches: int, num_candidates: int | None = None) -> ResolvedLoop:
         """Fill in the defaults for a grid of ``num_patches`` and check every value.
@@ -73,34 +97,34 @@ class InnerLoopConfig:
         f = self.sampling_fraction
         if f is not None and not 0.0 < f <= 1.0:  # checked even when k is given, never ignored
             raise ConfigError(f"sampling_fraction must be in (0, 1], got {f}")
-        if self.patches_per_step is not None:
-            k = self.patches_per_step
+        if self.patches_per_iteration is not None:
+            k = self.patches_per_iteration
             if not 1 <= k <= n:
                 raise ConfigError(
-                    f"patches_per_step (k={k}) must be between 1 and the grid's {n} patches"
+                    f"patches_per_iteration (k={k}) must be between 1 and the grid's {n} patches"
                 )
         elif f is not None:
             k = max(1, math.ceil(f * n - 1e-9))
         else:
-            raise ConfigError("give patches_per_step or sampling_fraction")
+            raise ConfigError("give patches_per_iteration or sampling_fraction")
         cap = self.max_visit_fraction
         if not 0.0 < cap <= 1.0:
             raise ConfigError(f"max_visit_fraction must be in (0, 1], got {cap}")
-        zeta = self.inner_steps
+        zeta = self.inner_iterations
         if zeta is None:
             visits = visit_budget(n if num_candidates is None else num_candidates, cap)
             zeta = max(1, math.ceil(visits / k))
         elif zeta < 1:
-            raise ConfigError(f"inner_steps (ζ={zeta}) must be at least 1")
+            raise ConfigError(f"inner_iterations (ζ={zeta}) must be at least 1")
         eps = zeta if self.accumulation is None else self.accumulation
         if eps < 1:
             raise ConfigError(f"accumulation (ε={eps}) must be at least 1")
-        if num_candidates is not None and self.inner_steps is None:
+        if num_candidates is not None and self.inner_iterations is None:
             eps = min(eps, zeta)
         if eps > zeta:
-            raise ConfigError(f"accumulation (ε={eps}) is larger than inner_steps (ζ={zeta})")
+            raise ConfigError(f"accumulation (ε={eps}) is larger than inner_iterations (ζ={zeta})")
         return ResolvedLoop(
-            patches_per_step=k, inner_steps=zeta, accumulation=eps, max_visit_fraction=cap
+            patches_per_iteration=k, inner_iterations=zeta, accumulation=eps, max_visit_fraction=cap
         )
 
 
@@ -108,24 +132,40 @@ class InnerLoopConfig:
 class ResolvedLoop:
     """An :class:`InnerLoopConfig` with every value fixed for one grid."""
 
-    patches_per_step: int
-    inner_steps: int
+    patches_per_iteration: int
+    inner_iterations: int
     accumulation: int
     max_visit_fraction: float
 
     @property
     def optimizer_steps(self) -> int:
         """Optimizer steps per outer step: ceil(ζ / ε), never zero."""
-        return len(accumulation_groups(self.inner_steps, self.accumulation))
+        return len(accumulation_groups(self.inner_iterations, self.accumulation))
+
+    def __getattr__(self, name: str) -> int:
+        return deprecated_alias(self, name, DEPRECATED_LOOP_NAMES)
 
 
-def accumulation_groups(inner_steps: int, accumulation: int) -> list[range]:
+def deprecated_alias(obj: object, name: str, aliases: dict[str, str]) -> Any:
+    """``obj``'s attribute ``aliases[name]``, with a warning (a ``__getattr__`` for old names)."""
+    if name not in aliases:
+        raise AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r}")
+    warnings.warn(
+        f"{type(obj).__name__}.{name} is deprecated; use {aliases[name]}",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return getattr(obj, aliases[name])
+
+
+def accumulation_groups(inner_iterations: int, accumulation: int) -> list[range]:
     """Inner iterations grouped per optimizer step: every ε, plus the remainder (if any).
 
     ``accumulation_groups(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]``.
     """
     return [
-        range(s, min(s + accumulation, inner_steps)) for s in range(0, inner_steps, accumulation)
+        range(s, min(s + accumulation, inner_iterations))
+        for s in range(0, inner_iterations, accumulation)
     ]
 
 
@@ -364,7 +404,12 @@ def train_step(
         loop = loop.resolve(grid.num_patches, most)
     n = grid.num_patches
     plan = sampler.plan(
-        batch, n, loop.patches_per_step, loop.inner_steps, loop.max_visit_fraction, candidates
+        batch,
+        n,
+        loop.patches_per_iteration,
+        loop.inner_iterations,
+        loop.max_visit_fraction,
+        candidates,
     )
     check_plan(plan, batch, n, loop)
 
@@ -386,7 +431,7 @@ def train_step(
     valid = valid_positions(candidates, grid, z.device)
     losses: list[Tensor] = []
     out = torch.empty(0)
-    for group in accumulation_groups(loop.inner_steps, loop.accumulation):
+    for group in accumulation_groups(loop.inner_iterations, loop.accumulation):
         for j in group:
             image_idx, slot = (plan[j] >= 0).nonzero(as_tuple=True)
             pos = plan[j][image_idx, slot]
@@ -440,19 +485,19 @@ def first_visits(
 def check_plan(plan: SamplePlan, batch: int, num_patches: int, loop: ResolvedLoop) -> None:
     """Raise :class:`ValueError` unless ``plan`` is a valid plan for this batch and loop.
 
-    Valid: ``inner_steps`` tensors of shape ``(batch, k_j)`` with ``k_j <= k``, positions in
+    Valid: ``inner_iterations`` tensors of shape ``(batch, k_j)`` with ``k_j <= k``, positions in
     ``[-1, num_patches)``, and no position twice in one image's row.
     """
-    if len(plan) != loop.inner_steps:
+    if len(plan) != loop.inner_iterations:
         raise ValueError(
-            f"the sampler gave {len(plan)} inner iterations, expected {loop.inner_steps}"
+            f"the sampler gave {len(plan)} inner iterations, expected {loop.inner_iterations}"
         )
     for j, positions in enumerate(plan):
         if positions.dim() != 2 or positions.shape[0] != batch:
             raise ValueError(f"plan[{j}] has shape {tuple(positions.shape)}, expected ({batch}, k)")
-        if positions.shape[1] > loop.patches_per_step:
+        if positions.shape[1] > loop.patches_per_iteration:
             raise ValueError(
-                f"plan[{j}] has {positions.shape[1]} > k={loop.patches_per_step} slots"
+                f"plan[{j}] has {positions.shape[1]} > k={loop.patches_per_iteration} slots"
             )
         if positions.numel() and (positions.min() < -1 or positions.max() >= num_patches):
             raise ValueError(f"plan[{j}] holds positions outside [-1, {num_patches})")
@@ -513,6 +558,6 @@ def _encode(encoder: nn.Module, patches: Tensor) -> Tensor:
             raise
         raise ConfigError(
             f"the encoder's BatchNorm cannot train on {patches.shape[0]} patch(es) in one inner "
-            "iteration; raise patches_per_step or the batch size, or use fill_norm='running' "
+            "iteration; raise patches_per_iteration or the batch size, or use fill_norm='running' "
             "with the BatchNorm layers frozen (eval mode)"
         ) from err

@@ -14,6 +14,7 @@ samplers hand out.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,16 +77,17 @@ class PatchGrid:
     @property
     def rows(self) -> int:
         """Number of patch rows, m."""
-        return _count(self.image_size[0], self.patch_size, self.step)
+        return _count(self.image_size[0], self.patch_size, self.stride)
 
     @property
     def cols(self) -> int:
         """Number of patch columns, n."""
-        return _count(self.image_size[1], self.patch_size, self.step)
+        return _count(self.image_size[1], self.patch_size, self.stride)
 
     @property
     def step(self) -> int:
-        """The stride as an int (``stride`` is filled in by ``__post_init__``)."""
+        """Deprecated name of ``stride`` (one word per concept: "step" is an outer step)."""
+        warnings.warn("PatchGrid.step is deprecated; use stride", FutureWarning, stacklevel=2)
         assert self.stride is not None
         return self.stride
 
@@ -101,7 +103,7 @@ class PatchGrid:
     @property
     def padded_size(self) -> tuple[int, int]:
         """``(height, width)`` after padding: the smallest size the grid covers exactly."""
-        p, s = self.patch_size, self.step
+        p, s = self.patch_size, self.stride
         return p + s * (self.rows - 1), p + s * (self.cols - 1)
 
     @property
@@ -116,7 +118,7 @@ class PatchGrid:
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """``(top, left, bottom, right)`` pixel box of patch ``(row, col)`` in the padded image."""
-        top, left = row * self.step, col * self.step
+        top, left = row * self.stride, col * self.stride
         return top, left, top + self.patch_size, left + self.patch_size
 
     # -- tensors --------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class PatchGrid:
 
     def patch_view(self, padded: Tensor) -> Tensor:
         """A strided ``(B, C, rows, cols, p, p)`` view of a padded batch: no copy is made."""
-        p, s = self.patch_size, self.step
+        p, s = self.patch_size, self.stride
         return padded.unfold(2, p, s).unfold(3, p, s)
 
     def gather(self, view: Tensor, image_index: Tensor, flat_index: Tensor) -> Tensor:

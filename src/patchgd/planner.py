@@ -27,6 +27,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .algorithm import deprecated_alias
 from .errors import ConfigError
 from .grid import PatchGrid
 from .memory import MemoryReport, live_training_bytes, measure
@@ -65,7 +66,7 @@ class Plan:
     """A configuration that fits the budget, with the measured footprint of one step."""
 
     batch_size: int
-    patches_per_step: int
+    patches_per_iteration: int
     fill_chunk: int
     budget_bytes: int
     static_bytes: int  # weights, the batch and the optimizer state, live before the step
@@ -77,11 +78,14 @@ class Plan:
 
     def __str__(self) -> str:
         return (
-            f"batch {self.batch_size}, k = {self.patches_per_step} patches per inner iteration, "
-            f"fill chunk {self.fill_chunk}: peak {self.peak_bytes / 2**20:.1f} MiB of "
+            f"batch {self.batch_size}, k = {self.patches_per_iteration} patches per inner "
+            f"iteration, fill chunk {self.fill_chunk}: peak {self.peak_bytes / 2**20:.1f} MiB of "
             f"{self.budget_bytes / 2**20:.1f} MiB budget "
             f"({100 * self.peak_bytes / self.budget_bytes:.0f} %)"
         )
+
+    def __getattr__(self, name: str) -> int:
+        return deprecated_alias(self, name, {"patches_per_step": "patches_per_iteration"})
 
 
 class _RandomPatches:
@@ -164,7 +168,7 @@ def plan_patchgd(
 
     Args:
         model: the model to plan for (left unchanged: trials run on a copy), or
-            :class:`~patchgd.PatchGDClassifier` arguments. Its k (``patches_per_step`` or the
+            :class:`~patchgd.PatchGDClassifier` arguments. Its k (``patches_per_iteration`` or the
             sampling fraction) is the starting k, its fill chunk on ``device`` the chunk.
         budget: bytes, or a size such as ``"4GB"``.
         device: where the trial steps run (the device the plan is for).
@@ -177,7 +181,7 @@ def plan_patchgd(
     base = PatchGDClassifier(**model) if isinstance(model, dict) else model
     work = copy.deepcopy(base)  # trial steps change weights and statistics: never the user's
     in_chans = base.in_chans
-    k, n = base.loop.patches_per_step, base.grid.num_patches
+    k, n = base.loop.patches_per_iteration, base.grid.num_patches
     chunk = min(base.chunk_for(device), n)
 
     refusals: list[str] = []
@@ -185,10 +189,10 @@ def plan_patchgd(
     def trial(batch: int, k: int, chunk: int) -> Plan:
         # Every inner iteration repeats the first one's footprint: two of them (one optimizer
         # step after them, or one after each) peak as high as all ζ, in a fraction of the time.
-        loop = replace(base.loop_config, patches_per_step=k)
+        loop = replace(base.loop_config, patches_per_iteration=k)
         resolved = loop.resolve(base.grid.num_patches)
-        zeta = min(resolved.inner_steps, 2)
-        loop = replace(loop, inner_steps=zeta, accumulation=min(resolved.accumulation, zeta))
+        zeta = min(resolved.inner_iterations, 2)
+        loop = replace(loop, inner_iterations=zeta, accumulation=min(resolved.accumulation, zeta))
         work.configure_loop(loop, fill_chunk=chunk)
         static, report = _measure_step(
             work, batch, in_chans, base.grid.image_size, device, lazy=lazy
@@ -414,7 +418,7 @@ def plan_classifier(
         plan = plan_patchgd(
             patchgd, budget, device=device, max_batch=batch_size, lazy=lazy, log=log
         )
-        loop = replace(patchgd.loop_config, patches_per_step=plan.patches_per_step)
+        loop = replace(patchgd.loop_config, patches_per_iteration=plan.patches_per_iteration)
         patchgd.configure_loop(loop, fill_chunk=plan.fill_chunk)
         args: dict[str, Any] = {"loop": asdict(loop), "fill_chunk": plan.fill_chunk}
         batch, batch_planned = plan.batch_size, True

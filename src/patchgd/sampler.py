@@ -26,12 +26,12 @@ class PatchSampler(Protocol):
         self,
         batch_size: int,
         num_patches: int,
-        patches_per_step: int,
-        inner_steps: int,
+        patches_per_iteration: int,
+        inner_iterations: int,
         max_visit_fraction: float,
         candidates: Tensor | None = None,
     ) -> SamplePlan:
-        """Return ``inner_steps`` tensors of shape ``(batch_size, k_j)``, ``k_j <= k``.
+        """Return ``inner_iterations`` tensors of shape ``(batch_size, k_j)``, ``k_j <= k``.
 
         ``candidates`` is an optional ``(batch_size, num_patches)`` boolean mask of the positions
         an image may visit (for example its tissue patches); ``None`` allows every position.
@@ -72,12 +72,12 @@ class RandomPatchSampler:
         self,
         batch_size: int,
         num_patches: int,
-        patches_per_step: int,
-        inner_steps: int,
+        patches_per_iteration: int,
+        inner_iterations: int,
         max_visit_fraction: float,
         candidates: Tensor | None = None,
     ) -> SamplePlan:
-        b, n, k = batch_size, num_patches, patches_per_step
+        b, n, k = batch_size, num_patches, patches_per_iteration
         if candidates is None:
             allowed = torch.ones(b, n, dtype=torch.bool)
         else:
@@ -98,7 +98,7 @@ class RandomPatchSampler:
 
         plan: SamplePlan = []
         walk = order
-        for j in range(inner_steps):
+        for j in range(inner_iterations):
             t = j % steps_per_walk
             if t == 0 and j > 0:  # a new walk over the same visit set, in a fresh order
                 keys = torch.rand(b, n, generator=self.generator).masked_fill(~in_visit_set, 2.0)

@@ -321,7 +321,7 @@ def _write_heatmaps(
             pixels = dataset.read_resized(index)
             ax.imshow(pixels.squeeze(), cmap="gray" if pixels.shape[-1] == 1 else None)
         rows, cols = heat.shape
-        step = grid.step if grid is not None else 1
+        step = grid.stride if grid is not None else 1
         # Diverging colours centred on 0: a contribution can count against the class.
         limit = float(heat.abs().max()) or 1.0
         shown = ax.imshow(

@@ -46,8 +46,8 @@ def image_patches(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
     On a common canvas a small image's grid is mostly padding; as ``candidates`` this keeps the
     fill and the sampler off the patches that hold nothing but the fill colour.
     """
-    tops = torch.arange(grid.rows) * grid.step
-    lefts = torch.arange(grid.cols) * grid.step
+    tops = torch.arange(grid.rows) * grid.stride
+    lefts = torch.arange(grid.cols) * grid.stride
     rows = [
         ((tops[:, None] < image.size[0]) & (lefts[None, :] < image.size[1])).flatten()
         for image in images

@@ -148,7 +148,7 @@ def patch_candidates(
         raise ConfigError(f"image_size {image_size} does not fit the grid's {grid.image_size}")
     if not 0.0 <= min_fraction <= 1.0:
         raise ConfigError(f"min_fraction must be in [0, 1], got {min_fraction}")
-    p, s = grid.patch_size, grid.step
+    p, s = grid.patch_size, grid.stride
     tops, lefts = np.arange(grid.rows) * s, np.arange(grid.cols) * s
     # Distinct patch edges clipped to the image (what lies beyond has no tissue); without
     # overlap a patch's bottom is the next one's top, so about rows + 1 of them.
