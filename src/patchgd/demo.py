@@ -8,8 +8,9 @@ without a budget (batch 8) reaches 0.73 on this variant after one epoch. PatchGD
 patches of 128 px: without a budget it scored 0.64 there against 0.52 at 64 px (3 seeds), with
 epochs a quarter shorter (``benchmarks/patch_size.py``), so four epochs fit in the three
 minutes. PatchGD takes one optimizer step per inner iteration (ε = 1, the paper's best
-UltraMNIST setting, Table 5), and every method's learning rate falls linearly from its peak to
-0 over the run (the study behind both is in ``docs/reproduction.md``). Every method gets the
+UltraMNIST setting, Table 5) and fills Z with its encoder's running BatchNorm statistics (the
+library's default), and every method's learning rate falls linearly from its peak to 0 over the
+run (the studies behind all three are in ``docs/reproduction.md``). Every method gets the
 same emulated budget. The planner (:mod:`patchgd.planner`) measures trial steps and gives each
 method the largest batch up to ``batch_size`` that fits; downscaled GD instead gets the largest
 input side at that batch. A method that cannot train
