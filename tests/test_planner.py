@@ -86,7 +86,7 @@ def test_plan_command_prints_the_plan(capsys):
     # The command builds the paper's head (256 channels): about 45 MiB for one batch of 2.
     assert main([*PLAN, "--memory-budget", "64MiB"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith("plan: batch ") and "of 64.0 MiB budget" in out[-1]
+    assert out[-1].startswith("plan: PatchGD: batch ") and "of 64.0 MiB budget" in out[-1]
     assert main([*PLAN, "--memory-budget", "1MiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is too small: the smallest configuration" in err[0]

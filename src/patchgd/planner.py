@@ -62,30 +62,52 @@ def parse_size(text: str | int) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """A configuration that fits the budget, with the measured footprint of one step."""
+class MemoryPlan:
+    """A configuration that fits the budget, with the measured memory of one training step.
 
+    PatchGD's plan (:func:`plan_patchgd`) sets ``patches_per_iteration`` and ``fill_chunk``; a
+    GD baseline's (:func:`plan_gd`) sets ``input_size`` for downscaled GD and ``micro_batch``
+    for gradient accumulation.
+    """
+
+    method: str
     batch_size: int
-    patches_per_iteration: int
-    fill_chunk: int
     budget_bytes: int
     static_bytes: int  # weights, the batch and the optimizer state, live before the step
-    step: MemoryReport  # the trial step's own peak
+    step_memory: MemoryReport  # the trial step's own peak, above ``static_bytes``
+    patches_per_iteration: int | None = None
+    fill_chunk: int | None = None
+    input_size: int | None = None
+    micro_batch: int | None = None  # images per forward pass, when gradients accumulate
 
     @property
     def peak_bytes(self) -> int:
-        return self.static_bytes + self.step.tensor_bytes
+        return self.static_bytes + self.step_memory.tensor_bytes
 
     def __str__(self) -> str:
+        parts = [f"batch {self.batch_size}"]
+        if self.patches_per_iteration is not None:
+            parts.append(f"k = {self.patches_per_iteration} patches per inner iteration")
+        if self.fill_chunk is not None:
+            parts.append(f"fill chunk {self.fill_chunk}")
+        if self.input_size is not None:
+            parts.append(f"input {self.input_size} px")
+        if self.micro_batch is not None:
+            parts.append(f"micro-batches of {self.micro_batch}")
         return (
-            f"batch {self.batch_size}, k = {self.patches_per_iteration} patches per inner "
-            f"iteration, fill chunk {self.fill_chunk}: peak {self.peak_bytes / 2**20:.1f} MiB of "
+            f"{self.method}: {', '.join(parts)}: peak {self.peak_bytes / 2**20:.1f} MiB of "
             f"{self.budget_bytes / 2**20:.1f} MiB budget "
             f"({100 * self.peak_bytes / self.budget_bytes:.0f} %)"
         )
 
-    def __getattr__(self, name: str) -> int:
-        return deprecated_alias(self, name, {"patches_per_step": "patches_per_iteration"})
+    def __getattr__(self, name: str) -> Any:
+        return deprecated_alias(
+            self, name, {"patches_per_step": "patches_per_iteration", "step": "step_memory"}
+        )
+
+
+#: Deprecated names of :class:`MemoryPlan` (PatchGD's and the baselines' plans were two types).
+Plan = BaselinePlan = MemoryPlan
 
 
 class _RandomPatches:
@@ -163,7 +185,7 @@ def plan_patchgd(
     max_batch: int = 64,
     lazy: bool = False,
     log: Callable[[str], None] | None = None,
-) -> Plan:
+) -> MemoryPlan:
     """The largest batch whose measured training step fits ``budget`` (k and chunk if need be).
 
     Args:
@@ -186,7 +208,7 @@ def plan_patchgd(
 
     refusals: list[str] = []
 
-    def trial(batch: int, k: int, chunk: int) -> Plan:
+    def trial(batch: int, k: int, chunk: int) -> MemoryPlan:
         # Every inner iteration repeats the first one's footprint: two of them (one optimizer
         # step after them, or one after each) peak as high as all ζ, in a fraction of the time.
         loop = replace(base.loop_config, patches_per_iteration=k)
@@ -197,9 +219,9 @@ def plan_patchgd(
         static, report = _measure_step(
             work, batch, in_chans, base.grid.image_size, device, lazy=lazy
         )
-        return Plan(batch, k, chunk, budget, static, report)
+        return MemoryPlan("PatchGD", batch, budget, static, report, k, chunk)
 
-    def fits(batch: int, k: int, chunk: int) -> Plan | None:
+    def fits(batch: int, k: int, chunk: int) -> MemoryPlan | None:
         try:
             result = trial(batch, k, chunk)
         except ConfigError as err:  # e.g. BatchNorm cannot train on one image: not a candidate
@@ -244,33 +266,6 @@ def _needs_two_images(model: PatchGDClassifier) -> bool:
     return model.head.norm == "batch" and model.head.out_shape == (1, 1)
 
 
-@dataclass(frozen=True)
-class BaselinePlan:
-    """The largest batch (or, for downscaled GD, input size) a GD baseline fits in the budget."""
-
-    method: str
-    batch_size: int
-    input_size: int | None
-    budget_bytes: int
-    static_bytes: int  # weights, the batch and the optimizer state, live before the step
-    step: MemoryReport
-    micro_batch: int | None = None  # images per forward pass, when gradients accumulate
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.static_bytes + self.step.tensor_bytes
-
-    def __str__(self) -> str:
-        size = f", input {self.input_size} px" if self.input_size else ""
-        if self.micro_batch is not None:
-            size += f" in micro-batches of {self.micro_batch}"
-        return (
-            f"{self.method}: batch {self.batch_size}{size}: peak {self.peak_bytes / 2**20:.1f} MiB "
-            f"of {self.budget_bytes / 2**20:.1f} MiB budget "
-            f"({100 * self.peak_bytes / self.budget_bytes:.0f} %)"
-        )
-
-
 def _largest(fits: Callable[[int], Any | None], low: int, limit: int) -> Any | None:
     """The largest ``x`` in ``[low, limit]`` with ``fits(x)``, assuming monotone need."""
     best = fits(low)
@@ -307,7 +302,7 @@ def plan_gd(
     batch: int = 2,
     accumulate: bool = False,
     log: Callable[[str], None] | None = None,
-) -> BaselinePlan:
+) -> MemoryPlan:
     """The largest batch of full images a GD model fits (``downscale=False``), or, for downscaled
     GD, the largest input side (multiples of 32) that fits with a batch of ``batch``, or, with
     ``accumulate``, the largest micro-batch that fits a step on a whole batch of ``batch``.
@@ -328,7 +323,7 @@ def plan_gd(
 
     def run(
         model: torch.nn.Module, batch: int, size: int, micro: int | None = None
-    ) -> BaselinePlan | None:
+    ) -> MemoryPlan | None:
         if micro is not None:
             model.micro_batch = micro
         try:  # the images are always full size; downscaled GD resizes them itself
@@ -336,7 +331,10 @@ def plan_gd(
         except ConfigError:  # e.g. BatchNorm in the head cannot train on one image
             invalid.add(micro or batch)
             return None
-        plan = BaselinePlan(name, batch, size if downscale else None, budget, static, report, micro)
+        plan = MemoryPlan(
+            name, batch, budget, static, report,
+            input_size=size if downscale else None, micro_batch=micro,
+        )  # fmt: skip
         if log:
             log(
                 f"  tried {name} batch {batch}"
@@ -346,9 +344,9 @@ def plan_gd(
             )
         return plan if plan.peak_bytes <= budget else None
 
-    Trial = Callable[[int], BaselinePlan | None]
+    Trial = Callable[[int], MemoryPlan | None]
 
-    def from_smallest(fits: Trial, limit: int) -> BaselinePlan | None:
+    def from_smallest(fits: Trial, limit: int) -> MemoryPlan | None:
         best = _largest(fits, 1, limit)
         if best is None and 1 in invalid and limit >= 2:
             # One image cannot train this model (not a memory limit): search from two.
