@@ -152,3 +152,31 @@ def test_the_flatten_head_reads_every_position_whatever_the_mask():
     head = LatentHead(4, 3, (4, 4), width=8, dropout=0.0, norm="none").eval()
     z = torch.randn(2, 4, 4, 4)
     torch.testing.assert_close(head(z, _valid_mask(2, 4, 4, seed=2)), head(z))
+
+
+@pytest.mark.parametrize("pool", ["avg", "attention"])
+def test_outside_an_images_extent_z_is_never_read_so_it_scores_as_alone(pool):
+    """With ``extent``, each image of a padded Z gets the logits of its own grid alone: Z
+    outside it acts as the convolutions' zero padding and is never pooled."""
+    torch.manual_seed(0)
+    head = LatentHead(8, 3, (7, 6), width=8, stride1_layers=1, stride2_layers=2, pool=pool)
+    for module in head.modules():  # running statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
+    head.eval()
+    z = torch.randn(3, 8, 7, 6)
+    extent = torch.tensor([[3, 5], [7, 6], [2, 1]])
+    logits = head(z, extent=extent)
+    for b, (rows, cols) in enumerate(extent.tolist()):
+        alone = head(z[b : b + 1, :, :rows, :cols])
+        torch.testing.assert_close(logits[b : b + 1], alone, atol=1e-6, rtol=0)
+    noisy = z.clone()
+    noisy[0, :, 3:] = 1e3  # outside image 0's 3 × 5
+    noisy[0, :, :, 5:] = -1e3
+    torch.testing.assert_close(head(noisy, extent=extent), logits, atol=0, rtol=0)
+    valid = torch.zeros(3, 7, 6, dtype=torch.bool)
+    valid[:, :2, :2] = True  # with a mask too: both apply
+    masked = head(z, valid, extent)
+    for b, (rows, cols) in enumerate(extent.tolist()):
+        alone = head(z[b : b + 1, :, :rows, :cols], valid[b : b + 1, :rows, :cols])
+        torch.testing.assert_close(masked[b : b + 1], alone, atol=1e-6, rtol=0)

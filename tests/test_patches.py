@@ -289,3 +289,58 @@ def test_the_readme_loop_trains_on_lazy_slides_with_tissue_candidates(tmp_path):
                 visited[b, step[b][step[b] >= 0]] = True
         assert torch.equal(visited, candidates)  # every tissue patch, nothing else
         assert all(np.isfinite(result.losses))
+
+
+SIZES = [(96, 160), (64, 64), (150, 100), (40, 200)]  # (height, width), patch 32
+CANVAS = (160, 224)
+
+
+@pytest.fixture(scope="module")
+def sized_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sizes")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate(SIZES):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+@pytest.mark.parametrize("pool", ["avg", "attention"])
+@pytest.mark.parametrize("tissue", [False, True])
+def test_a_batch_of_images_of_different_sizes_scores_each_as_alone_on_its_own_grid(
+    sized_images, pool, tissue
+):
+    """Images of four sizes padded to one canvas: each gets, to 1e-6, the logits and the
+    evidence it gets alone on its own grid (the canvas's padding is never encoded nor read)."""
+    torch.manual_seed(0)
+    head = HeadConfig(width=8, stride1_layers=1, stride2_layers=2, pool=pool)
+    model = PatchGDClassifier("test_resnet", 3, CANVAS, 32, latent_dim=8, head=head, fill_chunk=5)
+    for module in model.modules():  # running statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2)
+    fill = (255.0, 255.0, 255.0)
+    lazy = [LazyImage(p, 0, s, CANVAS, fill) for p, s in zip(sized_images, SIZES, strict=True)]
+    grid = model.grid
+    candidates = image_patches(lazy, grid)
+    if tissue:  # about half of each image's patches, as a tissue mask would leave
+        candidates &= torch.rand(candidates.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+        candidates[:, 0] = True
+    provider = SourcePatches(lazy, grid)
+    assert provider.extents().tolist() == [[3, 5], [2, 2], [5, 4], [2, 7]]
+    logits = model(provider, candidates=candidates)
+    probs, heatmap = model.predict_with_map(provider, candidates=candidates)
+    for i, (path, size) in enumerate(zip(sized_images, SIZES, strict=True)):
+        own = PatchGrid(size, 32)
+        alone = PatchGDClassifier("test_resnet", 3, size, 32, latent_dim=8, head=head, fill_chunk=3)
+        alone.load_state_dict(model.state_dict())
+        rows, cols = own.shape
+        mine = candidates[i].view(grid.shape)[:rows, :cols].reshape(1, -1)
+        one = SourcePatches([LazyImage(path, 0, size, size, fill)], own)
+        assert one.extents() is None
+        torch.testing.assert_close(
+            logits[i : i + 1], alone(one, candidates=mine), atol=1e-6, rtol=0
+        )
+        one_probs, one_map = alone.predict_with_map(one, candidates=mine)
+        torch.testing.assert_close(probs[i : i + 1], one_probs, atol=1e-6, rtol=0)
+        torch.testing.assert_close(heatmap[i, :rows, :cols], one_map[0], atol=1e-6, rtol=0)

@@ -23,7 +23,7 @@ from .batchnorm import batch_statistics, keep_modes
 from .errors import ConfigError
 from .grid import PatchGrid
 from .head import read_head
-from .patches import PatchProvider, as_patches
+from .patches import PatchProvider, as_patches, extents_of
 from .sampler import PatchSampler, SamplePlan, visit_budget
 
 FillNorm = Literal["batch", "running"]
@@ -429,6 +429,7 @@ def train_step(
             z = fill_z(encoder, patches, grid, fill_chunk, fill_norm, skip, fill_dtype, candidates)
 
     valid = valid_positions(candidates, grid, z.device)
+    extent = extents_of(patches)
     losses: list[Tensor] = []
     out = torch.empty(0)
     for group in accumulation_groups(loop.inner_iterations, loop.accumulation):
@@ -443,7 +444,7 @@ def train_step(
                     if pos.numel():  # an image without candidates may have nothing to visit
                         emb = _encode(encoder, patches.gather(image_idx, pos))
                         z_j[zi, :, zr, zc] = emb.to(z_j.dtype)  # the graph: active patches only
-                    out = read_head(head, z_j, valid)
+                    out = read_head(head, z_j, valid, extent)
                     loss = loss_fn(out, targets)
                 hooks.backward(loss / len(group))
             if pos.numel():
@@ -522,13 +523,15 @@ def infer(
     and restored afterwards, so calling it mid-training changes nothing. ``candidates`` as in
     :func:`fill_z`: pass the mask the model trained with.
     """
+    patches = as_patches(images, grid)
     with keep_modes(encoder), keep_modes(head):
         encoder.eval()
         head.eval()
         z = fill_z(
-            encoder, images, grid, fill_chunk, "running", dtype=fill_dtype, candidates=candidates
+            encoder, patches, grid, fill_chunk, "running", dtype=fill_dtype, candidates=candidates
         )
-        return read_head(head, z, valid_positions(candidates, grid, z.device))
+        valid = valid_positions(candidates, grid, z.device)
+        return read_head(head, z, valid, extents_of(patches))
 
 
 def valid_positions(

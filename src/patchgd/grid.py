@@ -112,6 +112,15 @@ class PatchGrid:
         (h, w), (ph, pw) = self.image_size, self.padded_size
         return ph - h, pw - w
 
+    def extent(self, size: Sequence[int]) -> tuple[int, int]:
+        """``(rows, cols)`` of the grid of an image of ``size`` ``(height, width)`` at the
+        top-left of this grid's image: the grid the image would have alone (at least 1 × 1)."""
+        p, s = self.patch_size, self.stride
+        assert s is not None
+        rows = _count(max(int(size[0]), p), p, s)
+        cols = _count(max(int(size[1]), p), p, s)
+        return min(rows, self.rows), min(cols, self.cols)
+
     def position(self, index: int) -> tuple[int, int]:
         """``(row, col)`` of flat index ``index``."""
         return divmod(index, self.cols)

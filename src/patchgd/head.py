@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,15 +112,22 @@ class LatentHead(nn.Module):
         self.fc = nn.Linear(features, num_classes)
         self.stride2_layers = stride2_layers
 
-    def forward(self, z: Tensor, valid: Tensor | None = None) -> Tensor:
+    def forward(
+        self, z: Tensor, valid: Tensor | None = None, extent: Tensor | None = None
+    ) -> Tensor:
         """Class logits ``(B, classes)`` from Z ``(B, D, rows, cols)``.
 
         ``valid`` (optional, ``(B, rows, cols)`` boolean): the positions that hold the image
         (tissue, not background or padding). The pooling heads read only those: the average
         is over them, and attention gives every other position exactly zero weight. After
         stride-2 convolutions a position counts as valid if its 3×3 footprint holds a valid
-        one. An image without any valid position is read whole. The flatten head reads every
-        position whatever ``valid`` says: its layout is fixed.
+        one. An image without any valid position is read whole.
+
+        ``extent`` (optional, ``(B, 2)`` integers): each image's own grid, ``rows × cols`` at
+        the top-left of Z, for images smaller than Z's grid. Outside it Z is taken as absent:
+        zero before every convolution (as their padding is) and never pooled, so an image's
+        logits are those it would get alone on its own grid. The flatten head reads every
+        position whatever ``valid`` and ``extent`` say: its layout is fixed.
         """
         if self.pool == "flatten" and tuple(z.shape[-2:]) != self.grid_shape:
             raise ConfigError(
@@ -136,34 +144,60 @@ class LatentHead(nn.Module):
                 "head norm='batch' cannot train on a batch of 1 image whose grid reduces to 1×1; "
                 "use a batch of 2 or more images or head norm='group'"
             )
-        h = self.convs(z)
         if self.pool == "flatten":
-            return self.fc(self.pool_layer(h))
-        return self.fc(self.pool_layer(h, self._reduce_mask(valid, h)))
+            return self.fc(self.pool_layer(self.convs(z)))
+        h, inside = self._convolve(z, extent)
+        return self.fc(self.pool_layer(h, self._reduce_mask(valid, h, inside)))
 
-    def attention(self, z: Tensor, valid: Tensor | None = None) -> Tensor:
+    def attention(
+        self, z: Tensor, valid: Tensor | None = None, extent: Tensor | None = None
+    ) -> Tensor:
         """Each position's attention weight ``(B, rows', cols')``, summing to 1 per image and 0
-        outside ``valid`` (``pool="attention"`` only; the grid after the head's convolutions)."""
-        return self.logits_and_attention(z, valid)[1]
+        outside ``valid`` and ``extent`` (``pool="attention"`` only; the grid after the head's
+        convolutions)."""
+        return self.logits_and_attention(z, valid, extent)[1]
 
-    def logits_and_attention(self, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def logits_and_attention(
+        self, z: Tensor, valid: Tensor | None = None, extent: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """:meth:`forward`'s logits and :meth:`attention`'s weights from one pass."""
         if not isinstance(self.pool_layer, GatedAttentionPool):
             raise ConfigError(
                 f"attention weights need pool='attention', this head has {self.pool!r}"
             )
-        h = self.convs(z)
-        features, weights = self.pool_layer.pool(h, self._reduce_mask(valid, h))
+        h, inside = self._convolve(z, extent)
+        features, weights = self.pool_layer.pool(h, self._reduce_mask(valid, h, inside))
         return self.fc(features), weights
 
-    def _reduce_mask(self, valid: Tensor | None, h: Tensor) -> Tensor | None:
+    def _convolve(self, z: Tensor, extent: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The convolutions over Z, and where each image's own grid lies on their output
+        (``None``: everywhere). Outside an image's extent its input is zeroed before every
+        convolution, as the convolution's zero padding would be on the image alone."""
+        if extent is None:
+            return self.convs(z), None
+        extent = extent.to(z.device)
+        h = z
+        for layer in self.convs:
+            if isinstance(layer, nn.Conv2d):
+                h = h * _inside(extent, h.shape[-2:]).unsqueeze(1).to(h.dtype)
+                if layer.stride[0] == 2:
+                    extent = (extent + 1) // 2  # a 3×3, stride-2, padding-1 conv: ceil(n / 2)
+            h = layer(h)
+        return h, _inside(extent, h.shape[-2:])
+
+    def _reduce_mask(
+        self, valid: Tensor | None, h: Tensor, inside: Tensor | None = None
+    ) -> Tensor | None:
         if valid is None:
-            return None
+            return inside
         mask = valid.to(device=h.device, dtype=torch.float32)[:, None]
         for _ in range(self.stride2_layers):  # the footprint of a 3×3, stride-2, padding-1 conv
             mask = F.max_pool2d(mask, 3, stride=2, padding=1)
         mask = mask[:, 0] > 0
-        return mask | ~mask.flatten(1).any(dim=1)[:, None, None]  # none valid: read it whole
+        if inside is not None:
+            mask = mask & inside
+        whole = inside if inside is not None else torch.ones_like(mask)
+        return torch.where(mask.flatten(1).any(dim=1)[:, None, None], mask, whole)  # none: all
 
 
 class MaskedAveragePool(nn.Module):
@@ -212,15 +246,22 @@ class GatedAttentionPool(nn.Module):
         return self.pool(h, valid)[0]
 
 
-def read_head(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> Tensor:
-    """``head(z)``, or ``head(z, valid)`` for a :class:`LatentHead` (also inside a DDP wrapper)
-    when there is a validity mask ``(B, rows, cols)``; any other head module takes Z alone."""
-    if valid is None or not isinstance(getattr(head, "module", head), LatentHead):
+def read_head(
+    head: nn.Module, z: Tensor, valid: Tensor | None = None, extent: Tensor | None = None
+) -> Tensor:
+    """``head(z)``, or ``head(z, valid, extent)`` for a :class:`LatentHead` (also inside a DDP
+    wrapper) when there is a validity mask ``(B, rows, cols)`` or an extent ``(B, 2)`` per image;
+    any other head module takes Z alone."""
+    if (valid is None and extent is None) or not isinstance(
+        getattr(head, "module", head), LatentHead
+    ):
         return head(z)
-    return head(z, valid)
+    return head(z, valid, extent)
 
 
-def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def evidence(
+    head: nn.Module, z: Tensor, valid: Tensor | None = None, extent: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Class probabilities ``(B, classes)`` and each position's evidence ``(B, rows, cols)``.
 
     With an attention head the evidence is its attention weights (they sum to 1 per image over
@@ -229,11 +270,12 @@ def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[T
     contribution to the predicted class's logit, gradient × input:
     ``Σ_d Z[d, r, c] · ∂logit/∂Z[d, r, c]``. For a head that is linear in Z (average pooling
     and one linear layer) this is exact: the map sums to the logit less its bias. Negative
-    values are evidence against the predicted class. ``valid`` as in :meth:`LatentHead.forward`.
+    values are evidence against the predicted class. ``valid`` and ``extent`` as in
+    :meth:`LatentHead.forward`.
     """
     if isinstance(head, LatentHead) and isinstance(head.pool_layer, GatedAttentionPool):
         with torch.no_grad():
-            logits, weights = head.logits_and_attention(z, valid)
+            logits, weights = head.logits_and_attention(z, valid, extent)
             cell = 2**head.stride2_layers  # back onto Z's grid
             weights = weights.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
             return logits.float().softmax(dim=1), weights[:, : z.shape[2], : z.shape[3]].float()
@@ -242,11 +284,19 @@ def evidence(head: nn.Module, z: Tensor, valid: Tensor | None = None) -> tuple[T
     with torch.inference_mode(False), torch.enable_grad():
         z = z.detach().clone().requires_grad_(True)
         valid = None if valid is None else valid.clone()
-        logits = read_head(head, z, valid)
+        extent = None if extent is None else extent.clone()
+        logits = read_head(head, z, valid, extent)
         chosen = logits.gather(1, logits.argmax(dim=1, keepdim=True))
         (grad,) = torch.autograd.grad(chosen.sum(), z)
     contribution = (grad * z).sum(dim=1)
     return logits.detach().float().softmax(dim=1), contribution.detach().float()
+
+
+def _inside(extent: Tensor, shape: Sequence[int]) -> Tensor:
+    """``(B, rows, cols)`` bool: the top-left ``extent[b]`` rows × cols of a grid of ``shape``."""
+    rows = torch.arange(shape[0], device=extent.device)[None, :, None] < extent[:, 0, None, None]
+    cols = torch.arange(shape[1], device=extent.device)[None, None, :] < extent[:, 1, None, None]
+    return rows & cols
 
 
 def _norm_layer(norm: Norm, channels: int) -> nn.Module:

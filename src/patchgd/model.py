@@ -27,9 +27,9 @@ from .batchnorm import recalibrating
 from .encoder import PatchEncoder
 from .errors import ConfigError
 from .grid import PadValue, PatchGrid
-from .head import HeadConfig, evidence
+from .head import HeadConfig, evidence, read_head
 from .latent_cache import LatentCache
-from .patches import PatchProvider
+from .patches import PatchProvider, as_patches, extents_of
 from .sampler import PatchSampler, RandomPatchSampler
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -305,11 +305,13 @@ class PatchGDClassifier(Classifier):
     ) -> tuple[Tensor, Tensor | None]:
         """Class probabilities and each position's evidence for the predicted class, from one
         fill (see :func:`patchgd.head.evidence`); ``candidates`` as in :meth:`forward`."""
+        patches = as_patches(images, self.grid)
         with keep_modes(self):
             self.eval()
             with torch.no_grad():
-                z = self.fill_z(images, candidates)
-            return evidence(self.head, z, valid_positions(candidates, self.grid, z.device))
+                z = self.fill_z(patches, candidates)
+            valid = valid_positions(candidates, self.grid, z.device)
+            return evidence(self.head, z, valid, extents_of(patches))
 
     def chunk_for(self, device: torch.device | str | None = None) -> int:
         """The fill chunk used on ``device`` (default: the encoder's)."""
@@ -415,15 +417,17 @@ class PatchGDClassifier(Classifier):
             self.encoder.eval()
             with recalibrating(self.head):
                 for images, mask in zip(batches, masks, strict=True):
+                    patches = as_patches(images, self.grid)
                     z = fill_z(
                         self.encoder,
-                        images,
+                        patches,
                         self.grid,
                         chunk,
                         dtype=self.fill_dtype,
                         candidates=mask,
                     )
-                    self.head(z)
+                    valid = valid_positions(mask, self.grid, z.device)
+                    read_head(self.head, z, valid, extents_of(patches))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

@@ -21,7 +21,12 @@ from .grid import PatchGrid
 
 @runtime_checkable
 class PatchProvider(Protocol):
-    """Patches of a batch of images on one :class:`~patchgd.grid.PatchGrid`."""
+    """Patches of a batch of images on one :class:`~patchgd.grid.PatchGrid`.
+
+    A provider whose images can be smaller than the grid (images of different sizes on one
+    canvas) may also have ``extents()``: each image's own grid, ``(B, 2)`` rows and cols at the
+    top-left, or ``None`` when every image fills the grid (see :func:`extents_of`).
+    """
 
     @property
     def batch_size(self) -> int: ...
@@ -91,6 +96,13 @@ class TensorPatches:
         _, c, _, _, p, _ = self.view.shape
         fill = self.grid.pad_colour(c, self.view.dtype, self.view.device)
         return fill.expand(len(image_index), c, p, p).clone()
+
+
+def extents_of(patches: PatchProvider) -> Tensor | None:
+    """Each image's own grid, ``(B, 2)`` rows and cols, from a provider that has
+    ``extents()``; ``None``: every image fills the grid."""
+    extents = getattr(patches, "extents", None)
+    return None if extents is None else extents()
 
 
 def as_patches(images: Tensor | PatchProvider, grid: PatchGrid) -> PatchProvider:

@@ -364,8 +364,8 @@ class ImageFolderDataModule(_Loaders):
     def candidates(self, images: list[LazyImage], grid: PatchGrid) -> Tensor | None:
         """Per image, the patches the fill encodes and the sampler visits: its tissue patches
         with tissue masks, else those that overlap the image (``None``: every patch)."""
-        if self.masks is not None:
-            return self.masks.candidates_batch(images, grid)
+        if self.masks is not None:  # tissue within each image's own grid
+            return self.masks.candidates_batch(images, grid) & image_patches(images, grid)
         if self.trainer is not None and self.trainer.world_size > 1:
             # The default ζ follows the batch's candidates, and every DDP process must make as
             # many inner iterations as the others: padding alone is not worth that risk.

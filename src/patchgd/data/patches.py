@@ -40,19 +40,24 @@ def collate_lazy(batch: Sequence[tuple[LazyImage, int]]) -> LazyBatch:
     return LazyBatch(list(images), torch.as_tensor(labels, dtype=torch.long))
 
 
+def image_extents(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
+    """``(B, 2)`` long: each image's own grid, ``(rows, cols)`` at the top-left of ``grid``
+    (:meth:`PatchGrid.extent <patchgd.grid.PatchGrid.extent>`)."""
+    return torch.tensor([grid.extent(image.size) for image in images], dtype=torch.long).reshape(
+        -1, 2
+    )
+
+
 def image_patches(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
-    """``(B, rows · cols)`` bool: the patches that overlap each image, not its canvas padding.
+    """``(B, rows · cols)`` bool: the patches of each image's own grid, not its canvas padding.
 
     On a common canvas a small image's grid is mostly padding; as ``candidates`` this keeps the
     fill and the sampler off the patches that hold nothing but the fill colour.
     """
-    tops = torch.arange(grid.rows) * grid.stride
-    lefts = torch.arange(grid.cols) * grid.stride
-    rows = [
-        ((tops[:, None] < image.size[0]) & (lefts[None, :] < image.size[1])).flatten()
-        for image in images
-    ]
-    return torch.stack(rows) if rows else torch.zeros(0, grid.num_patches, dtype=torch.bool)
+    extents = image_extents(images, grid)
+    rows = torch.arange(grid.rows)[None, :, None] < extents[:, 0, None, None]
+    cols = torch.arange(grid.cols)[None, None, :] < extents[:, 1, None, None]
+    return (rows & cols).flatten(1)
 
 
 class _PatchReader:
@@ -158,6 +163,15 @@ class SourcePatches:
         )
         for ids, patches in loader:
             yield ids, self._to_tensor(patches)
+
+    def extents(self) -> Tensor | None:
+        """``(B, 2)`` rows and cols of each image's own grid; ``None`` when every image fills
+        the grid (see :func:`patchgd.patches.image_extents`)."""
+        extents = image_extents(self.reader.images, self.reader.grid)
+        grid = self.reader.grid
+        if bool((extents == torch.tensor(grid.shape)).all()):
+            return None
+        return extents
 
     def blank(self, image_index: Tensor) -> Tensor:
         blanks = np.stack([self.reader.blank(b) for b in image_index.tolist()])
