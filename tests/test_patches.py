@@ -167,7 +167,7 @@ def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, 
     source.close()
 
 
-def test_image_patches_are_those_that_overlap_the_image_not_only_its_canvas():
+def test_image_patches_are_those_of_each_images_own_grid_not_its_canvas():
     grid = PatchGrid((160, 176), 48, 40)
     images = [
         LazyImage("a", 0, (160, 176), (160, 176)),
@@ -176,11 +176,21 @@ def test_image_patches_are_those_that_overlap_the_image_not_only_its_canvas():
     ]
     got = image_patches(images, grid)
     for b, image in enumerate(images):
+        h, w = image.size
+        alone = PatchGrid((max(h, 48), max(w, 48)), 48, 40)  # the image's grid on its own
+        boxes = {alone.box(*alone.position(f)) for f in range(alone.num_patches)}
+        covered = np.zeros((h, w), dtype=bool)
         for flat in range(grid.num_patches):
-            top, left, _, _ = grid.box(*grid.position(flat))  # the slow way: box by box
-            overlaps = top < image.size[0] and left < image.size[1]
-            assert bool(got[b, flat]) == overlaps, (b, flat)
+            box = grid.box(*grid.position(flat))  # the slow way: box by box
+            assert bool(got[b, flat]) == (box in boxes), (b, flat)
+            if got[b, flat]:
+                top, left, bottom, right = box
+                assert top < h and left < w  # never a patch of padding alone
+                covered[top:bottom, left:right] = True
+        assert covered.all()  # every pixel of the image is in one of its patches
     assert got[0].all() and got[2].sum() == 1
+    # Row 1 (top 40) would overlap image b's last pixel row, which row 0 already holds.
+    assert got[1].view(grid.shape).sum(dim=1).tolist() == [3, 0, 0, 0]
 
 
 def test_training_on_lazy_images_equals_training_on_the_decoded_batch(disk_images):
