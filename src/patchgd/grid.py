@@ -180,6 +180,14 @@ class PatchGrid:
             )
 
 
+def extent_mask(extents: Tensor, shape: Sequence[int]) -> Tensor:
+    """``(B, rows, cols)`` bool: the top-left ``extents[b]`` rows × cols (a ``(B, 2)`` tensor,
+    e.g. :meth:`PatchGrid.extent` per image) of a grid of ``shape``."""
+    rows = torch.arange(shape[0], device=extents.device)[None, :, None] < extents[:, 0, None, None]
+    cols = torch.arange(shape[1], device=extents.device)[None, None, :] < extents[:, 1, None, None]
+    return rows & cols
+
+
 def _count(length: int, patch: int, stride: int) -> int:
     """Patches along one side so that the last one reaches (or passes) the image edge."""
     return math.ceil((length - patch) / stride) + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from .conv import StrideSafeConv2d
 from .errors import ConfigError
+from .grid import extent_mask
 
 Norm = Literal["batch", "group", "none"]
 Pool = Literal["flatten", "avg", "attention"]
@@ -179,11 +179,11 @@ class LatentHead(nn.Module):
         h = z
         for layer in self.convs:
             if isinstance(layer, nn.Conv2d):
-                h = h * _inside(extent, h.shape[-2:]).unsqueeze(1).to(h.dtype)
+                h = h * extent_mask(extent, h.shape[-2:]).unsqueeze(1).to(h.dtype)
                 if layer.stride[0] == 2:
                     extent = (extent + 1) // 2  # a 3×3, stride-2, padding-1 conv: ceil(n / 2)
             h = layer(h)
-        return h, _inside(extent, h.shape[-2:])
+        return h, extent_mask(extent, h.shape[-2:])
 
     def _reduce_mask(
         self, valid: Tensor | None, h: Tensor, inside: Tensor | None = None
@@ -290,13 +290,6 @@ def evidence(
         (grad,) = torch.autograd.grad(chosen.sum(), z)
     contribution = (grad * z).sum(dim=1)
     return logits.detach().float().softmax(dim=1), contribution.detach().float()
-
-
-def _inside(extent: Tensor, shape: Sequence[int]) -> Tensor:
-    """``(B, rows, cols)`` bool: the top-left ``extent[b]`` rows × cols of a grid of ``shape``."""
-    rows = torch.arange(shape[0], device=extent.device)[None, :, None] < extent[:, 0, None, None]
-    cols = torch.arange(shape[1], device=extent.device)[None, None, :] < extent[:, 1, None, None]
-    return rows & cols
 
 
 def _norm_layer(norm: Norm, channels: int) -> nn.Module:

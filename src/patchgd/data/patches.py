@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..grid import PatchGrid
+from ..grid import PatchGrid, extent_mask
 from ..patches import balanced_chunks
 from .lazy import LazyImage
 from .sources import ImageSource, open_image
@@ -54,10 +54,7 @@ def image_patches(images: Sequence[LazyImage], grid: PatchGrid) -> Tensor:
     On a common canvas a small image's grid is mostly padding; as ``candidates`` this keeps the
     fill and the sampler off the patches that hold nothing but the fill colour.
     """
-    extents = image_extents(images, grid)
-    rows = torch.arange(grid.rows)[None, :, None] < extents[:, 0, None, None]
-    cols = torch.arange(grid.cols)[None, None, :] < extents[:, 1, None, None]
-    return (rows & cols).flatten(1)
+    return extent_mask(image_extents(images, grid), grid.shape).flatten(1)
 
 
 class _PatchReader:
@@ -166,7 +163,8 @@ class SourcePatches:
 
     def extents(self) -> Tensor | None:
         """``(B, 2)`` rows and cols of each image's own grid; ``None`` when every image fills
-        the grid (see :func:`patchgd.patches.image_extents`)."""
+        the grid (:func:`image_extents`; the engine reads it through
+        :func:`patchgd.patches.extents_of`)."""
         extents = image_extents(self.reader.images, self.reader.grid)
         grid = self.reader.grid
         if bool((extents == torch.tensor(grid.shape)).all()):
