@@ -94,6 +94,14 @@ class Classifier(nn.Module):
         """Optimizer steps one :meth:`training_step` takes (PatchGD: ceil(ζ / ε))."""
         return 1
 
+    @property
+    def trains_on_running_statistics(self) -> bool:
+        """Whether training reads BatchNorm running statistics that
+        :meth:`recalibrate_batchnorm` sets (PatchGD's Z-fill with ``fill_norm="running"``).
+        Where it does not, recalibrating between epochs changes no weight: only evaluation
+        reads those statistics."""
+        return False
+
     def backbone_module(self) -> nn.Module:
         """The pretrainable feature extractor, whose BatchNorm ``freeze_bn`` freezes."""
         raise NotImplementedError
@@ -293,6 +301,11 @@ class PatchGDClassifier(Classifier):
     @property
     def optimizer_steps(self) -> int:
         return self.loop.optimizer_steps
+
+    @property
+    def trains_on_running_statistics(self) -> bool:
+        # Frozen layers (freeze_bn) keep statistics that recalibration leaves alone.
+        return self.fill_norm == "running" and not self.freeze_bn
 
     def backbone_module(self) -> nn.Module:
         return self.encoder
