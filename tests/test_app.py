@@ -174,13 +174,17 @@ def test_every_config_parses_and_builds_its_model(config, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     header = config.read_text().splitlines()[:6]
     assert any(line.startswith("#   patchgd ") for line in header), "no command in the header"
+    args = ["--config", str(config)]
+    if "num_classes: null" in config.read_text():  # from the data on fit, which is not here
+        args += ["--model.classifier.init_args.num_classes", "4"]
+        args += ["--model.classifier.init_args.image_size", "4096"]
     cli = PatchGDCLI(  # run=False: parses and builds; a memory budget would plan only on fit
         PatchGDTask,
         None,
         subclass_mode_data=True,
         run=False,
         trainer_defaults=trainer_defaults(),
-        args=["--config", str(config)],
+        args=args,
         auto_configure_optimizers=False,
     )
     assert isinstance(cli.model.classifier, Classifier)
@@ -474,3 +478,63 @@ def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, m
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("patchgd")]
     assert rc == 2 and len(err) == 1
     assert "the data gives 100×130 px images but model.classifier was built for" in err[0]
+
+
+def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
+    tmp_path, monkeypatch
+):
+    """configs/folder/patchgd_slides.yaml: slides of different sizes, classes and canvas from
+    the data, tissue masks, the attention head; then lazy predict with heatmaps, where a
+    slide larger than the model's canvas and an unreadable file are skipped, the rest predicted."""
+    from images import smooth_rgb, write_pyramid
+
+    monkeypatch.chdir(tmp_path)
+    rows = ["image_id,label,split"]
+    sizes = [(520, 700), (600, 380), (300, 450), (450, 520), (400, 400)]
+    for i, ((h, w), split) in enumerate(zip(sizes, ["train"] * 3 + ["val", "test"], strict=True)):
+        slide = np.full((h, w, 3), 235, np.uint8)
+        slide[40 : h // 2 + 40, 60 : w // 2 + 60] = smooth_rgb(h // 2, w // 2, seed=i)
+        write_pyramid(tmp_path / f"s{i}.tif", slide, n_levels=2, tile=64, photometric="rgb")
+        rows.append(f"s{i},{i % 3},{split}")
+    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    config = ROOT / "configs" / "folder" / "patchgd_slides.yaml"
+    backbone = ["--model.classifier.init_args.backbone", "test_resnet"]
+    fit = ["fit", "--config", str(config), "--data.init_args.csv", "slides.csv", *backbone]
+    assert main([*fit, "--trainer.max_epochs", "2"]) == 0
+    run = _run_dir(tmp_path)
+    saved = (run / "config.yaml").read_text()
+    assert "num_classes: 3" in saved  # from the labels
+    assert "image_size:\n      - 600\n      - 700\n" in saved  # the canvas: the largest slide
+
+    big = np.full((900, 500, 3), 235, np.uint8)  # taller than the 600 × 700 px canvas
+    write_pyramid(tmp_path / "big.tif", big, n_levels=1, tile=64, photometric="rgb")
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    predict = [
+        "predict",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--model.predict_heatmaps",
+        "true",
+        "--data",
+        "patchgd.app.data.PredictImagesDataModule",
+        "--data.inputs",
+        "[s2.tif, big.tif, s1.tif, broken.tif]",
+    ]
+    assert main(predict) == 0
+    out = _run_dir(tmp_path, 1)
+    with open(out / "predictions.csv", newline="") as handle:
+        predicted = [row["image"] for row in csv.DictReader(handle)]
+    assert predicted == ["s2.tif", "s1.tif"]
+    with open(out / "skipped.csv", newline="") as handle:
+        skipped = {row["image"]: row["reason"] for row in csv.DictReader(handle)}
+    assert skipped.keys() == {"big.tif", "broken.tif"}
+    assert "larger than the model's image_size 600×700" in skipped["big.tif"]
+    maps = {p.stem.split("_", 1)[1]: np.load(p) for p in (out / "heatmaps").glob("*.npy")}
+    assert sorted(maps) == ["s1", "s2"] and len(list((out / "heatmaps").glob("*.png"))) == 2
+    for name, (h, w) in (("s2", sizes[2]), ("s1", sizes[1])):
+        weights = maps[name]  # attention on the model's 3 × 3 grid, summing to 1 per slide
+        assert weights.shape == (3, 3) and weights.sum() == pytest.approx(1.0, abs=1e-5)
+        rows_in, cols_in = -(-h // 256), -(-w // 256)  # the slide's own grid
+        assert (weights[rows_in:] == 0).all() and (weights[:, cols_in:] == 0).all()

@@ -19,6 +19,7 @@ from patchgd import (
     PatchGDClassifier,
     StepHooks,
 )
+from patchgd.errors import ConfigError
 from patchgd.head import evidence
 from patchgd.model import DEFAULT_FILL_ACTIVATION, default_fill_chunk
 
@@ -412,3 +413,19 @@ def test_the_default_fill_chunk_follows_the_backbones_largest_activation(backbon
     assert model.chunk_for("cpu") == max(1, DEFAULT_FILL_ACTIVATION["cpu"] // largest)
     assert model.chunk_for("cuda") == max(1, DEFAULT_FILL_ACTIVATION["cuda"] // largest)
     assert default_fill_chunk(10**12, "cpu") == 1  # at least one patch per call
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: PatchGDClassifier("test_resnet", None, 64, 32), "num_classes is null"),
+        (lambda: PatchGDClassifier("test_resnet", 3, None, 32), "image_size is null"),
+        (lambda: PatchGDClassifier("test_resnet", 3, 64), "patch_size must be given"),
+        (lambda: GDClassifier("test_resnet", 3), "image_size is null"),
+        (lambda: DownscaledGDClassifier("test_resnet", 3, 64), "input_size must be given"),
+    ],
+)
+def test_sizes_left_to_the_data_must_be_given_outside_the_command_line(build, message):
+    # `patchgd fit` fills num_classes and image_size from the data; the library API cannot.
+    with pytest.raises(ConfigError, match=message):
+        build()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .algorithm import StepHooks, StepResult, plain_optimizer_step
 from .backbones import Pretrained, create_backbone
-from .errors import ConfigError, require_count
+from .errors import ConfigError, from_data, require_count
 from .grid import as_pair
 from .head import HeadConfig
 from .model import Classifier, LossFn
@@ -49,8 +49,8 @@ class GDClassifier(Classifier):
     def __init__(
         self,
         backbone: str,
-        num_classes: int,
-        image_size: int | tuple[int, int],
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         *,
         in_chans: int = 3,
         pretrained: Pretrained = None,
@@ -60,6 +60,8 @@ class GDClassifier(Classifier):
         micro_batch: int | None = None,
     ) -> None:
         super().__init__()
+        num_classes = from_data(type(self).__name__, "num_classes", num_classes)
+        image_size = from_data(type(self).__name__, "image_size", image_size)
         if num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         self.num_classes, self.in_chans = num_classes, in_chans
@@ -126,12 +128,15 @@ class DownscaledGDClassifier(GDClassifier):
     def __init__(
         self,
         backbone: str,
-        num_classes: int,
-        image_size: int | tuple[int, int],
-        input_size: int | tuple[int, int],
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        input_size: int | tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
+        if input_size is None:
+            raise ConfigError(f"{type(self).__name__}: input_size must be given")
         super().__init__(backbone, num_classes, input_size, **kwargs)
+        image_size = from_data(type(self).__name__, "image_size", image_size)
         self.image_size = as_pair(image_size, "image_size")  # what it takes; input_size: sees
 
     def forward(self, images: Tensor) -> Tensor:
@@ -152,8 +157,8 @@ class GDExtendedClassifier(GDClassifier):
     def __init__(
         self,
         backbone: str,
-        num_classes: int,
-        image_size: int | tuple[int, int],
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         *,
         latent_dim: int = 256,
         head: HeadConfig | None = None,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class PatchGDError(Exception):
     """Base class of every error patchgd raises on purpose."""
@@ -34,3 +38,18 @@ def one_line(err: BaseException) -> str:
         prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
         text = last.removeprefix(prefix)
     return text
+
+
+def from_data(owner: str, name: str, value: T | None) -> T:
+    """``value``, or a :class:`ConfigError` if it is ``None``.
+
+    In a config, ``num_classes: null`` or ``image_size: null`` asks for the data module's value;
+    ``patchgd fit``, ``validate`` and ``test`` fill it in before building the model. A model
+    built any other way must be given it.
+    """
+    if value is None:
+        raise ConfigError(
+            f"{owner}: {name} is null, which only `patchgd fit`, `validate` and `test` fill in "
+            "from the data; give it a value"
+        )
+    return value

@@ -25,7 +25,7 @@ from .algorithm import train_step as patchgd_train_step
 from .backbones import LinearInit, Pretrained, fan_out_init
 from .batchnorm import recalibrating
 from .encoder import PatchEncoder
-from .errors import ConfigError
+from .errors import ConfigError, from_data
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig, evidence, read_head
 from .latent_cache import LatentCache
@@ -184,7 +184,9 @@ class PatchGDClassifier(Classifier):
     Args:
         backbone: timm model name of the patch encoder.
         num_classes: number of classes.
-        image_size: ``(height, width)`` (or one int) of the input images.
+        image_size: ``(height, width)`` (or one int) of the input images. Both may be left
+            out (or ``null``) in a config for ``patchgd fit``, which takes them from the data
+            (:func:`patchgd.errors.from_data`); any other caller must give them.
         patch_size: side of a square patch, in pixels.
         stride: patch stride (defaults to ``patch_size``; smaller values overlap patches).
         pad_value: fill for the bottom/right padding when patches do not tile the image exactly.
@@ -230,9 +232,9 @@ class PatchGDClassifier(Classifier):
     def __init__(
         self,
         backbone: str,
-        num_classes: int,
-        image_size: int | tuple[int, int],
-        patch_size: int,
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        patch_size: int | None = None,
         *,
         stride: int | None = None,
         pad_value: PadValue = 0.0,
@@ -253,6 +255,10 @@ class PatchGDClassifier(Classifier):
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        num_classes = from_data(type(self).__name__, "num_classes", num_classes)
+        image_size = from_data(type(self).__name__, "image_size", image_size)
+        if patch_size is None:
+            raise ConfigError(f"{type(self).__name__}: patch_size must be given")
         self.grid = PatchGrid(image_size, patch_size, stride, pad_value)
         self.loop_config = loop or InnerLoopConfig()
         self.loop = self.loop_config.resolve(self.grid.num_patches)  # fail early

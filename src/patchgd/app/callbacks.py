@@ -316,10 +316,18 @@ def _write_heatmaps(
     folder.mkdir(parents=True, exist_ok=True)
     for index, image_id, heat in heatmaps:
         fig, ax = plt.subplots(figsize=(5, 5))
-        pixels = None
-        if dataset is not None and hasattr(dataset, "read_resized"):
+        pixels, frame = None, None
+        if getattr(dataset, "mode", None) == "lazy":  # a slide: its thumbnail, at its size
+            pixels, frame = dataset.thumbnail(index), dataset.sizes[index]
+        elif dataset is not None and hasattr(dataset, "read_resized"):
             pixels = dataset.read_resized(index)
-            ax.imshow(pixels.squeeze(), cmap="gray" if pixels.shape[-1] == 1 else None)
+            frame = pixels.shape[:2]
+        if pixels is not None and frame is not None:
+            ax.imshow(
+                pixels.squeeze(),
+                cmap="gray" if pixels.shape[-1] == 1 else None,
+                extent=(0, frame[1], frame[0], 0),
+            )
         rows, cols = heat.shape
         step = grid.stride if grid is not None else 1
         # Diverging colours centred on 0: a contribution can count against the class.
@@ -333,9 +341,9 @@ def _write_heatmaps(
             extent=(0, cols * step, rows * step, 0),
             interpolation="nearest",
         )
-        if pixels is not None:
-            ax.set_xlim(0, pixels.shape[1])
-            ax.set_ylim(pixels.shape[0], 0)
+        if frame is not None:
+            ax.set_xlim(0, frame[1])
+            ax.set_ylim(frame[0], 0)
         fig.colorbar(
             shown,
             ax=ax,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,8 @@ class PatchGDCLI(LightningCLI):
             rank_zero_info(f"resuming in {run}")
         else:
             route_to_root(loggers, config.trainer.get("default_root_dir"))
+        if self.subcommand in ("fit", "validate", "test"):
+            fill_from_data(config)
 
     def after_instantiate_classes(self) -> None:
         csv_logger = next((x for x in self.trainer.loggers if isinstance(x, CSVLogger)), None)
@@ -179,6 +182,36 @@ class PatchGDCLI(LightningCLI):
         for key, value in planned_config(run_plan).items():
             config[key] = value  # the saved config.yaml reruns the plan
         rank_zero_info(f"memory plan: {run_plan.description}")
+
+
+FROM_DATA = ("num_classes", "image_size")
+
+
+def fill_from_data(config: Any) -> None:
+    """Give the classifier's unset (or null) ``num_classes`` and ``image_size`` the data
+    module's values (the labels' classes; the lazy canvas, or the resized size), so that one
+    config serves any data set. The saved config.yaml records them, for ``predict``."""
+    args = config.get("model.classifier.init_args")
+    missing = [name for name in FROM_DATA if args is not None and args.get(name) is None]
+    if not missing:
+        return
+    data_config = config.get("data")
+    if data_config is None or not data_config.get("class_path"):
+        raise ConfigError(f"model.classifier.init_args.{missing[0]} is null, and no data is set")
+    module_name, _, class_name = data_config.class_path.rpartition(".")
+    init_args = data_config.get("init_args")
+    kwargs = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    data = getattr(importlib.import_module(module_name), class_name)(**kwargs)
+    for name in missing:
+        value = getattr(data, name, None)
+        if value is None:
+            raise ConfigError(
+                f"model.classifier.init_args.{name} is null, and {class_name} does not state it"
+            )
+        config[f"model.classifier.init_args.{name}"] = (
+            list(value) if isinstance(value, tuple) else value
+        )
+        rank_zero_info(f"{name} from the data: {value}")
 
 
 def _is_file_path(ckpt_path: Any) -> bool:

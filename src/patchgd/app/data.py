@@ -265,7 +265,74 @@ class FineDetailDataModule(_Generated):
         return FineDetail(split, per_class, self.config, self.seed, channels=self.channels)
 
 
-class ImageFolderDataModule(_Loaders):
+class _LazyLoaders(_Loaders):
+    """Lazy mode's options, and what the task asks of a data module whose images are read
+    patch by patch from disk (:meth:`patch_provider`, :meth:`candidates`)."""
+
+    fill: Sequence[float]
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+    keep_gray: bool = False
+
+    def _lazy_options(
+        self,
+        mode: str,
+        level: int | None,
+        mpp: float | None,
+        canvas: tuple[int, int] | None,
+        reader_workers: int,
+        tissue_masks: bool,
+        tissue_cache: str | None,
+    ) -> None:
+        if mode not in ("resize", "lazy"):
+            raise ConfigError(f"mode must be 'resize' or 'lazy', got {mode!r}")
+        if mode == "resize" and (level is not None or mpp is not None or tissue_masks):
+            raise ConfigError("level, mpp and tissue_masks are lazy-mode options; set mode: lazy")
+        self.mode, self.level, self.mpp, self._canvas = mode, level, mpp, canvas
+        self.reader_workers = reader_workers
+        self.masks = TissueMasks(tissue_cache) if tissue_masks else None
+
+    def _lazy(self, table: ImageTable, canvas: tuple[int, int] | None) -> LargeImageDataset:
+        level_choice = {"level": self.level, "mpp": self.mpp}
+        if self.level is None and self.mpp is None:
+            level_choice = {"level": 0}
+        return LargeImageDataset(
+            table,
+            mode="lazy",
+            fill=self.fill,
+            canvas=canvas,
+            keep_gray=self.keep_gray,
+            **level_choice,
+        )
+
+    def patch_provider(self, images: list[LazyImage], grid: PatchGrid, device: torch.device):
+        """The batch's patches, read from disk on demand (lazy mode)."""
+        return SourcePatches(
+            images,
+            grid,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+            num_workers=self.reader_workers,
+        )
+
+    def candidates(self, images: list[LazyImage], grid: PatchGrid) -> Tensor | None:
+        """Per image, the patches the fill encodes and the sampler visits: its tissue patches
+        with tissue masks, else those that overlap the image (``None``: every patch)."""
+        if self.masks is not None:  # tissue within each image's own grid
+            return self.masks.candidates_batch(images, grid) & image_patches(images, grid)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # The default ζ follows the batch's candidates, and every DDP process must make as
+            # many inner iterations as the others: padding alone is not worth that risk.
+            return None
+        inside = image_patches(images, grid)
+        return None if bool(inside.all()) else inside
+
+    def _collate(self) -> Any:
+        return collate_lazy if self.mode == "lazy" else None  # LazyImage records: a list
+
+
+class ImageFolderDataModule(_LazyLoaders):
     """Images listed in a labels CSV: resized as in the paper, or read patch by patch from disk.
 
     The CSV's ``split`` column (train/val/test) chooses the splits; without one, ``fold``
@@ -313,13 +380,7 @@ class ImageFolderDataModule(_Loaders):
         tissue_cache: str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
-        if mode not in ("resize", "lazy"):
-            raise ConfigError(f"mode must be 'resize' or 'lazy', got {mode!r}")
-        if mode == "resize" and (level is not None or mpp is not None or tissue_masks):
-            raise ConfigError("level, mpp and tissue_masks are lazy-mode options; set mode: lazy")
-        self.mode, self.level, self.mpp, self._canvas = mode, level, mpp, canvas
-        self.reader_workers = reader_workers
-        self.masks = TissueMasks(tissue_cache) if tissue_masks else None
+        self._lazy_options(mode, level, mpp, canvas, reader_workers, tissue_masks, tissue_cache)
         self.csv, self.root, self._num_classes = csv, root, num_classes
         self.target_size, self.fill, self.mean, self.std = target_size, fill, mean, std
         self.fold, self.num_folds = fold, num_folds
@@ -344,35 +405,6 @@ class ImageFolderDataModule(_Loaders):
             self._canvas = self._lazy(self.table, canvas=None).canvas
         return tuple(self._canvas)  # type: ignore[return-value]
 
-    def _lazy(self, table: ImageTable, canvas: tuple[int, int] | None) -> LargeImageDataset:
-        level_choice = {"level": self.level, "mpp": self.mpp}
-        if self.level is None and self.mpp is None:
-            level_choice = {"level": 0}
-        return LargeImageDataset(table, mode="lazy", fill=self.fill, canvas=canvas, **level_choice)
-
-    def patch_provider(self, images: list[LazyImage], grid: PatchGrid, device: torch.device):
-        """The batch's patches, read from disk on demand (lazy mode)."""
-        return SourcePatches(
-            images,
-            grid,
-            mean=self.mean,
-            std=self.std,
-            device=device,
-            num_workers=self.reader_workers,
-        )
-
-    def candidates(self, images: list[LazyImage], grid: PatchGrid) -> Tensor | None:
-        """Per image, the patches the fill encodes and the sampler visits: its tissue patches
-        with tissue masks, else those that overlap the image (``None``: every patch)."""
-        if self.masks is not None:  # tissue within each image's own grid
-            return self.masks.candidates_batch(images, grid) & image_patches(images, grid)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # The default ζ follows the batch's candidates, and every DDP process must make as
-            # many inner iterations as the others: padding alone is not worth that risk.
-            return None
-        inside = image_patches(images, grid)
-        return None if bool(inside.all()) else inside
-
     def _splits(self) -> dict[str, ImageTable]:
         if any(item.split is not None for item in self.table.items):
             return {s: self.table.split(s) for s in ("train", "val", "test")}
@@ -392,9 +424,6 @@ class ImageFolderDataModule(_Loaders):
                     mean=self.mean,
                     std=self.std,
                 )
-
-    def _collate(self) -> Any:
-        return collate_lazy if self.mode == "lazy" else None  # LazyImage records: a list
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -425,7 +454,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 class PredictBatch(NamedTuple):
     """A batch of images to classify: the readable ones, and the ones whose decoding failed."""
 
-    images: Tensor | None  #: the readable images, ``None`` when none was
+    #: the readable images (lazy mode: their :class:`LazyImage` records), ``None`` when none was
+    images: Tensor | list[LazyImage] | None
     index: Tensor  #: their positions in the data set
     failed: list[tuple[int, str]]  #: ``(position, reason)`` of each unreadable image
 
@@ -452,24 +482,33 @@ class _Readable(Dataset):
         return image, index, None  # type: ignore[return-value]
 
 
-def collate_readable(items: list[tuple[Tensor | None, int, str | None]]) -> PredictBatch:
-    """Stack the readable images of a batch; keep the reasons of the others."""
+def collate_readable(
+    items: list[tuple[Tensor | LazyImage | None, int, str | None]],
+) -> PredictBatch:
+    """Stack the readable images of a batch (list lazy ones); keep the reasons of the others."""
     readable = [(image, index) for image, index, _ in items if image is not None]
+    images: Tensor | list[LazyImage] | None = None
+    if readable and isinstance(readable[0][0], LazyImage):
+        images = [image for image, _ in readable]  # type: ignore[misc]
+    elif readable:
+        images = torch.stack([image for image, _ in readable])  # type: ignore[misc]
     return PredictBatch(
-        images=torch.stack([image for image, _ in readable]) if readable else None,
+        images=images,
         index=torch.tensor([index for _, index in readable], dtype=torch.long),
         failed=[(index, reason) for image, index, reason in items if image is None],
     )
 
 
-class PredictImagesDataModule(_Loaders):
+class PredictImagesDataModule(_LazyLoaders):
     """Images to classify, without labels: files and folders, in any format ``open_image`` reads.
 
     Images are resized like ``ImageFolderDataModule`` (longest side ``target_size``, padded to a
-    square with ``fill``); use the training run's ``mean``/``std``. Unreadable files are skipped
-    and reported, one line each: files that cannot be opened when the data set is built, and
-    files whose decoding fails (a truncated PNG) when their batch is read; the others are
-    predicted. Batches are :class:`PredictBatch`.
+    square with ``fill``), or with ``mode: lazy`` read patch by patch from pyramid ``level`` (or
+    the level for ``mpp``), each on its own grid within the model's ``image_size``, with tissue
+    masks as in training; use the training run's ``mean``/``std`` and lazy options. Unreadable
+    files are skipped and reported, one line each: files that cannot be opened when the data
+    set is built, and files whose decoding fails (a truncated PNG, a corrupt tile) when their
+    batch is read; the others are predicted. Batches are :class:`PredictBatch`.
     """
 
     def __init__(
@@ -482,14 +521,25 @@ class PredictImagesDataModule(_Loaders):
         keep_gray: bool = False,
         batch_size: int = 8,
         num_workers: int = 0,
+        mode: Literal["resize", "lazy"] = "resize",
+        level: int | None = None,
+        mpp: float | None = None,
+        reader_workers: int = 0,
+        tissue_masks: bool = False,
+        tissue_cache: str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed=0)
+        # No canvas: each image is placed on the model's (see PatchGDTask.predict_step).
+        self._lazy_options(mode, level, mpp, None, reader_workers, tissue_masks, tissue_cache)
         self.inputs, self.target_size, self.fill = inputs, target_size, fill
         self.mean, self.std, self.keep_gray = mean, std, keep_gray
 
     def setup(self, stage: str | None = None) -> None:
         items = [TableItem(image_id=p, path=p, label=0) for p in expand_inputs(self.inputs)]
         table = ImageTable(items=items, num_classes=1, source="inputs")
+        if self.mode == "lazy":
+            self.datasets["predict"] = self._lazy(table, canvas=None)
+            return
         self.datasets["predict"] = LargeImageDataset(
             table,
             target_size=self.target_size,
@@ -500,8 +550,9 @@ class PredictImagesDataModule(_Loaders):
         )
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.target_size, self.target_size)
+    def image_size(self) -> tuple[int, int] | None:
+        """The resized size; ``None`` in lazy mode, where each image takes the model's."""
+        return (self.target_size, self.target_size) if self.mode == "resize" else None
 
     @property
     def image_ids(self) -> list[str]:

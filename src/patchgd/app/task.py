@@ -10,6 +10,7 @@ advancing the learning-rate schedule once per optimizer step.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import random
 import time
@@ -28,13 +29,16 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 from ..algorithm import StepHooks, StepResult
+from ..data.lazy import LazyImage, on_canvas
 from ..data.patches import LazyBatch
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError, DataError, DivergedError
 from ..memory import live_training_bytes, measure
 from ..model import Classifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 from ..schedule import warmup_then_linear_decay
 from .data import KeyedBatch, PredictBatch
+
+logger = logging.getLogger("patchgd.data")  # skipped images, as the data modules report them
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -398,15 +402,53 @@ class PatchGDTask(L.LightningModule):
             found = {"index": batch.index, "failed": batch.failed}
             if batch.images is None:
                 return {**found, "probs": torch.empty(0, self.classifier.num_classes)}
+            if isinstance(batch.images, list):  # lazy: read patch by patch from disk
+                return self._predict_lazy(batch)
             return {**found, **self._predict(batch.images)}
         return self._predict(batch[0] if isinstance(batch, tuple | list) else batch)
 
-    def _predict(self, images: Tensor) -> dict[str, Tensor]:
+    def _predict(self, images: Any, candidates: Tensor | None = None) -> dict[str, Tensor]:
         images = self._to_memory_format(images)
-        if not self.predict_heatmaps:
+        if not self.predict_heatmaps and candidates is None:
             return {"probs": self.classifier.predict_proba(images)}
-        probs, heatmap = self.classifier.predict_with_map(images)
-        return {"probs": probs} if heatmap is None else {"probs": probs, "evidence": heatmap}
+        probs, heatmap = self.classifier.predict_with_map(images, candidates)
+        if heatmap is None or not self.predict_heatmaps:
+            return {"probs": probs}
+        return {"probs": probs, "evidence": heatmap}
+
+    def _predict_lazy(self, batch: PredictBatch) -> dict[str, Any]:
+        """A lazy batch's predictions. When an image cannot be read (a corrupt tile, larger
+        than the model's ``image_size``), the batch's images are predicted one by one and the
+        unreadable ones left out and reported, as unreadable files are."""
+        images = batch.images
+        assert isinstance(images, list)
+        try:
+            return {"index": batch.index, "failed": batch.failed, **self._predict_read(images)}
+        except DataError:
+            pass
+        outputs, kept, failed = [], [], list(batch.failed)
+        for image, position in zip(images, batch.index.tolist(), strict=True):
+            try:
+                outputs.append(self._predict_read([image]))
+                kept.append(position)
+            except DataError as err:
+                logger.warning("skipped: %s", err)
+                failed.append((position, str(err)))
+        found = {"index": torch.tensor(kept, dtype=torch.long), "failed": failed}
+        if not outputs:
+            return {**found, "probs": torch.empty(0, self.classifier.num_classes)}
+        return {**found, **{key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}}
+
+    def _predict_read(self, images: list[LazyImage]) -> dict[str, Tensor]:
+        """Predictions for lazily read images, each placed on the model's canvas."""
+        if not self.classifier.reads_patches:
+            raise ConfigError("lazily read images (data mode: lazy) need PatchGDClassifier")
+        grid = self.classifier.grid
+        placed = [on_canvas(image, grid.image_size) for image in images]
+        data = self.trainer.datamodule
+        candidates = data.candidates(placed, grid)
+        provider = data.patch_provider(placed, grid, self.device)
+        return self._predict(provider, None if candidates is None else candidates.to(self.device))
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
@@ -418,6 +460,8 @@ class PatchGDTask(L.LightningModule):
         if isinstance(batch, LazyBatch):
             # LazyImage records stay on the host: their patches reach the device when read.
             return batch._replace(targets=batch.targets.to(device))
+        if isinstance(batch, PredictBatch) and isinstance(batch.images, list):
+            return batch  # lazy images, as above; positions stay on the host for the writer
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _prepare(self, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:

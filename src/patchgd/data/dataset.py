@@ -376,6 +376,12 @@ class LargeImageDataset(Dataset):
                 out[r0 : r0 + len(band), :out_w] = band
         return out
 
+    def thumbnail(self, index: int, max_side: int = 1024) -> np.ndarray:
+        """The item's whole image as uint8 ``(h, w, C)``, longest side at most ``max_side``
+        (:meth:`~patchgd.data.sources.ImageSource.thumbnail`: bounded memory at any size)."""
+        with self.open(index) as source:
+            return source.thumbnail(max_side)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage, int]:
         index = operator.index(index)
         if not -len(self) <= index < len(self):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from ..errors import DataError
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,14 @@ class LazyImage:
             raise ValueError(
                 f"{self.path}: image {self.size} is larger than its canvas {self.canvas}"
             )
+
+
+def on_canvas(image: LazyImage, canvas: tuple[int, int]) -> LazyImage:
+    """``image`` placed on a ``canvas`` of ``(height, width)`` pixels (a model's image size);
+    :class:`~patchgd.errors.DataError` naming the file if it does not fit."""
+    if image.size[0] > canvas[0] or image.size[1] > canvas[1]:
+        raise DataError(
+            f"{image.path}: {image.size[0]}×{image.size[1]} px at level {image.level}, larger "
+            f"than the model's image_size {canvas[0]}×{canvas[1]}"
+        )
+    return replace(image, canvas=tuple(canvas))
