@@ -490,7 +490,7 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
 
     monkeypatch.chdir(tmp_path)
     rows = ["image_id,label,split"]
-    sizes = [(520, 700), (600, 380), (300, 450), (450, 520), (400, 400)]
+    sizes = [(1600, 1800), (1700, 1100), (1200, 1500), (1400, 1600), (1300, 1300)]
     for i, ((h, w), split) in enumerate(zip(sizes, ["train"] * 3 + ["val", "test"], strict=True)):
         slide = np.full((h, w, 3), 235, np.uint8)
         slide[40 : h // 2 + 40, 60 : w // 2 + 60] = smooth_rgb(h // 2, w // 2, seed=i)
@@ -504,9 +504,9 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     run = _run_dir(tmp_path)
     saved = (run / "config.yaml").read_text()
     assert "num_classes: 3" in saved  # from the labels
-    assert "image_size:\n      - 600\n      - 700\n" in saved  # the canvas: the largest slide
+    assert "image_size:\n      - 1700\n      - 1800\n" in saved  # the canvas: the largest slide
 
-    big = np.full((900, 500, 3), 235, np.uint8)  # taller than the 600 × 700 px canvas
+    big = np.full((1800, 500, 3), 235, np.uint8)  # taller than the 1700 × 1800 px canvas
     write_pyramid(tmp_path / "big.tif", big, n_levels=1, tile=64, photometric="rgb")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     predict = [
@@ -530,11 +530,11 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     with open(out / "skipped.csv", newline="") as handle:
         skipped = {row["image"]: row["reason"] for row in csv.DictReader(handle)}
     assert skipped.keys() == {"big.tif", "broken.tif"}
-    assert "larger than the model's image_size 600×700" in skipped["big.tif"]
+    assert "larger than the model's image_size 1700×1800" in skipped["big.tif"]
     maps = {p.stem.split("_", 1)[1]: np.load(p) for p in (out / "heatmaps").glob("*.npy")}
     assert sorted(maps) == ["s1", "s2"] and len(list((out / "heatmaps").glob("*.png"))) == 2
     for name, (h, w) in (("s2", sizes[2]), ("s1", sizes[1])):
-        weights = maps[name]  # attention on the model's 3 × 3 grid, summing to 1 per slide
-        assert weights.shape == (3, 3) and weights.sum() == pytest.approx(1.0, abs=1e-5)
+        weights = maps[name]  # attention on the model's 7 × 8 grid, summing to 1 per slide
+        assert weights.shape == (7, 8) and weights.sum() == pytest.approx(1.0, abs=1e-5)
         rows_in, cols_in = -(-h // 256), -(-w // 256)  # the slide's own grid
         assert (weights[rows_in:] == 0).all() and (weights[:, cols_in:] == 0).all()

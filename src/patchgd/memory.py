@@ -122,6 +122,32 @@ def resident_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
+def process_tree_pss(pid: int) -> int | None:
+    """Memory of process ``pid`` and all its descendants (e.g. DataLoader workers) now, in
+    bytes: the sum of their proportional set sizes (Linux ``/proc/<pid>/smaps_rollup``), which
+    counts pages that forked processes share once, not once per process. ``None`` off Linux."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, found, todo = 0, False, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                found = True
+    return total if found else None
+
+
 def lifetime_peak_rss() -> int:
     """The process's peak resident memory since it started, in bytes (``ru_maxrss``, which
     resets never; :func:`measure` gives the peak of one call)."""

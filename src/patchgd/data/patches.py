@@ -8,7 +8,9 @@ whatever the image size.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +23,23 @@ from ..grid import PatchGrid, extent_mask
 from ..patches import balanced_chunks
 from .lazy import LazyImage
 from .sources import ImageSource, open_image
+
+
+@dataclass
+class ReadWait:
+    """Seconds this process waited for patches read from disk, and how many it got.
+
+    With reader workers the fill's reads overlap the encoder's work and the wait is what the
+    compute did not hide; an inner iteration's few patches are read in the process itself.
+    ``benchmarks/gigapixel.py`` reports it as the share of time spent reading.
+    """
+
+    seconds: float = 0.0
+    patches: int = 0
+
+
+#: The totals of every :class:`SourcePatches` of this process.
+read_wait = ReadWait()
 
 
 class LazyBatch(NamedTuple):
@@ -148,7 +167,10 @@ class SourcePatches:
         return len(self.reader.images)
 
     def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        start = time.perf_counter()
         patches = self.reader.read_many(image_index.tolist(), flat_index.tolist())
+        read_wait.seconds += time.perf_counter() - start
+        read_wait.patches += len(patches)
         return self._to_tensor(torch.from_numpy(patches))
 
     def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -158,7 +180,14 @@ class SourcePatches:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, generator=torch.Generator()
         )
-        for ids, patches in loader:
+        batches = iter(loader)  # with workers: they start here, and that is waiting too
+        while True:
+            start = time.perf_counter()
+            ids, patches = next(batches, (None, None))
+            read_wait.seconds += time.perf_counter() - start
+            if ids is None:
+                return
+            read_wait.patches += len(ids)
             yield ids, self._to_tensor(patches)
 
     def extents(self) -> Tensor | None:
