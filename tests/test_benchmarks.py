@@ -22,6 +22,7 @@ SCRIPTS = {
     "step_speed.py": ("step-speed", "step_speed.png"),
     "fill_chunk.py": ("fill-chunk", "fill_chunk.png"),
     "tissue_fill.py": ("tissue-fill", "tissue_fill.png"),
+    "gigapixel.py": ("gigapixel", "gigapixel_heatmap.png"),  # --quick: 2048 and 2500 px
 }
 
 

@@ -103,3 +103,29 @@ def test_rss_peak_covers_memory_outside_torch():
         pytest.skip("this kernel does not allow resetting the peak RSS")
     assert report.rss_bytes >= 50 * MiB
     assert "peak tensors" in str(report)
+
+
+def test_the_memory_of_a_process_tree_counts_its_children():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from patchgd.memory import process_tree_pss
+
+    alone = process_tree_pss(os.getpid())
+    if alone is None:
+        pytest.skip("no /proc/<pid>/smaps_rollup here")
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; b = b\"x\" * (200 << 20); print(1, flush=True); "
+         "time.sleep(30)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"1"
+        time.sleep(0.1)
+        with_child = process_tree_pss(os.getpid())
+        assert with_child is not None and with_child - alone > 150 << 20  # its 200 MiB buffer
+    finally:
+        child.kill()
+        child.wait()

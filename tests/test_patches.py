@@ -20,7 +20,7 @@ from patchgd import (
     fill_z,
 )
 from patchgd.data.lazy import LazyImage
-from patchgd.data.patches import SourcePatches, image_patches
+from patchgd.data.patches import SourcePatches, image_patches, read_wait
 from reference import TinyEncoder, reference_patch
 
 
@@ -147,6 +147,7 @@ def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, 
     images = torch.stack([_canvas_tensor(p, canvas, fill, mean, std) for _, _, p in disk_images])
     expected = TensorPatches(images, grid)
     source = SourcePatches(lazy, grid, mean=mean, std=std, num_workers=num_workers)
+    waited, read = read_wait.seconds, read_wait.patches
     for (ids, got), (ref_ids, want) in zip(source.chunks(9), expected.chunks(9), strict=True):
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(got, want)
@@ -160,6 +161,9 @@ def test_source_patches_equal_the_decoded_padded_normalised_images(disk_images, 
     torch.testing.assert_close(
         source.gather(pick_images, pick_positions), expected.gather(pick_images, pick_positions)
     )
+    # Every patch read from disk, and the time spent waiting for them, is counted.
+    assert read_wait.patches - read == len(lazy) * n + len(subset) + len(pick_images)
+    assert read_wait.seconds > waited
     # A blank patch is the fill colour, normalised like any pixel: the grid's padding.
     torch.testing.assert_close(
         source.blank(torch.tensor([1, 0])), expected.blank(torch.tensor([1, 0]))
