@@ -485,7 +485,10 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
 ):
     """configs/folder/patchgd_slides.yaml: slides of different sizes, classes and canvas from
     the data, tissue masks, the attention head; then lazy predict with heatmaps, where a
-    slide larger than the model's canvas and an unreadable file are skipped, the rest predicted."""
+    slide larger than the model's canvas, an unreadable file and a corrupt tile are skipped,
+    the rest predicted."""
+    import tifffile
+
     from images import smooth_rgb, write_pyramid
 
     monkeypatch.chdir(tmp_path)
@@ -509,6 +512,10 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     big = np.full((1800, 500, 3), 235, np.uint8)  # taller than the 1700 × 1800 px canvas
     write_pyramid(tmp_path / "big.tif", big, n_levels=1, tile=64, photometric="rgb")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    damaged = bytearray((tmp_path / "s2.tif").read_bytes())  # its first tile holds tissue
+    offset = tifffile.TiffFile(tmp_path / "s2.tif").pages[0].dataoffsets[0]
+    damaged[offset + 8 : offset + 200] = b"\xff" * 192
+    (tmp_path / "corrupt.tif").write_bytes(bytes(damaged))
     predict = [
         "predict",
         "--config",
@@ -520,7 +527,7 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
         "--data",
         "patchgd.app.data.PredictImagesDataModule",
         "--data.inputs",
-        "[s2.tif, big.tif, s1.tif, broken.tif]",
+        "[s2.tif, big.tif, s1.tif, broken.tif, corrupt.tif]",
     ]
     assert main(predict) == 0
     out = _run_dir(tmp_path, 1)
@@ -529,8 +536,9 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     assert predicted == ["s2.tif", "s1.tif"]
     with open(out / "skipped.csv", newline="") as handle:
         skipped = {row["image"]: row["reason"] for row in csv.DictReader(handle)}
-    assert skipped.keys() == {"big.tif", "broken.tif"}
+    assert skipped.keys() == {"big.tif", "broken.tif", "corrupt.tif"}
     assert "larger than the model's image_size 1700×1800" in skipped["big.tif"]
+    assert "cannot decode" in skipped["corrupt.tif"]
     maps = {p.stem.split("_", 1)[1]: np.load(p) for p in (out / "heatmaps").glob("*.npy")}
     assert sorted(maps) == ["s1", "s2"] and len(list((out / "heatmaps").glob("*.png"))) == 2
     for name, (h, w) in (("s2", sizes[2]), ("s1", sizes[1])):
