@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import signal
 from pathlib import Path
@@ -481,10 +482,11 @@ def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, m
 
 
 def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     """configs/folder/patchgd_slides.yaml: slides of different sizes, classes and canvas from
-    the data, tissue masks, the attention head; then lazy predict with heatmaps, where a
+    the data, tissue masks, the attention head, a slide with a corrupt tile skipped in
+    training; then lazy predict with heatmaps, where a
     slide larger than the model's canvas, an unreadable file and a corrupt tile are skipped,
     the rest predicted."""
     import tifffile
@@ -499,11 +501,21 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
         slide[40 : h // 2 + 40, 60 : w // 2 + 60] = smooth_rgb(h // 2, w // 2, seed=i)
         write_pyramid(tmp_path / f"s{i}.tif", slide, n_levels=2, tile=64, photometric="rgb")
         rows.append(f"s{i},{i % 3},{split}")
+    damaged = bytearray((tmp_path / "s2.tif").read_bytes())  # its first tile holds tissue
+    offset = tifffile.TiffFile(tmp_path / "s2.tif").pages[0].dataoffsets[0]
+    damaged[offset + 8 : offset + 200] = b"\xff" * 192
+    (tmp_path / "corrupt.tif").write_bytes(bytes(damaged))
+    rows.append("corrupt,2,train")  # its batch is skipped, named in a warning; the run goes on
     (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
     config = ROOT / "configs" / "folder" / "patchgd_slides.yaml"
     backbone = ["--model.classifier.init_args.backbone", "test_resnet"]
     fit = ["fit", "--config", str(config), "--data.init_args.csv", "slides.csv", *backbone]
-    assert main([*fit, "--trainer.max_epochs", "2"]) == 0
+    with caplog.at_level(logging.WARNING, logger="patchgd.data"):
+        assert main([*fit, "--trainer.max_epochs", "2"]) == 0
+    skips = [r.getMessage() for r in caplog.records if "skipped a training batch" in r.message]
+    assert len(skips) == 2 and all("corrupt.tif" in m for m in skips)  # once per epoch
+    recalibrations = [r.getMessage() for r in caplog.records if "recalibration" in r.message]
+    assert recalibrations and all("corrupt.tif" in m for m in recalibrations)
     run = _run_dir(tmp_path)
     saved = (run / "config.yaml").read_text()
     assert "num_classes: 3" in saved  # from the labels
@@ -512,10 +524,6 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     big = np.full((1800, 500, 3), 235, np.uint8)  # taller than the 1700 × 1800 px canvas
     write_pyramid(tmp_path / "big.tif", big, n_levels=1, tile=64, photometric="rgb")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
-    damaged = bytearray((tmp_path / "s2.tif").read_bytes())  # its first tile holds tissue
-    offset = tifffile.TiffFile(tmp_path / "s2.tif").pages[0].dataoffsets[0]
-    damaged[offset + 8 : offset + 200] = b"\xff" * 192
-    (tmp_path / "corrupt.tif").write_bytes(bytes(damaged))
     predict = [
         "predict",
         "--config",

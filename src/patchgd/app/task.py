@@ -41,6 +41,11 @@ from .data import KeyedBatch, PredictBatch
 logger = logging.getLogger("patchgd.data")  # skipped images, as the data modules report them
 
 
+def _lazy_images(batch: Any) -> list[LazyImage]:
+    """The lazy images of a batch, none for a batch of tensors."""
+    return batch.images if isinstance(batch, LazyBatch) else []
+
+
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(
         {
@@ -256,23 +261,29 @@ class PatchGDTask(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             schedule.step()  # per optimizer step: ζ and ε do not change the schedule's shape
 
-        candidates = self._candidates(batch)
         start = time.perf_counter()
         hooks = StepHooks(
             backward=self.manual_backward, optimizer_step=optimizer_step, grad_sync=self._grad_sync
         )
-        extra: dict[str, Any] = {} if candidates is None else {"candidates": candidates}
-        if keys is not None:
-            extra["keys"] = keys
+        extra: dict[str, Any] = {"keys": keys} if keys is not None else {}
 
         def step() -> StepResult:
+            candidates = self._candidates(batch)  # lazy images: may read a slide's thumbnail
+            if candidates is not None:
+                extra["candidates"] = candidates
             return self.classifier.training_step(images, targets, optimizer, hooks=hooks, **extra)
 
-        # The second step is the first in steady state: Adam's state is live throughout it.
-        if self.memory_plan is not None and self._training_steps_run == 1:
-            result = self._measure_step(step, images, optimizer)
-        else:
-            result = step()
+        try:
+            # The second step is the first in steady state: Adam's state is live throughout it.
+            if self.memory_plan is not None and self._training_steps_run == 1:
+                result = self._measure_step(step, images, optimizer)
+            else:
+                result = step()
+        except DataError as err:
+            if applied_lr or self.trainer.world_size > 1:
+                raise  # weights already moved, or the other processes wait for this one
+            logger.warning("skipped a training batch: %s", err)  # read before any weight moved
+            return
         self._training_steps_run += 1
         seconds = time.perf_counter() - start
         batch_size = targets.shape[0]
@@ -345,9 +356,15 @@ class PatchGDTask(L.LightningModule):
         self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str
     ) -> None:
         images, targets = self._prepare(batch)
-        candidates = self._candidates(batch)
-        extra = {} if candidates is None else {"candidates": candidates}
-        logits = self.classifier(images, **extra).float()
+        try:
+            candidates = self._candidates(batch)
+            extra = {} if candidates is None else {"candidates": candidates}
+            logits = self.classifier(images, **extra).float()
+        except DataError as err:
+            if self.trainer.world_size > 1:
+                raise  # the other processes wait for this one's metrics
+            logger.warning("skipped a %s batch: %s", stage, err)
+            return
         self.log(
             f"{stage}/loss",
             F.cross_entropy(logits, targets),
@@ -370,18 +387,27 @@ class PatchGDTask(L.LightningModule):
         data = self.trainer.datamodule
         if data is None:
             return
-        prepared, masks = [], []
+        chosen = []
         with torch.random.fork_rng(devices=[]):
             for i, batch in enumerate(data.train_dataloader()):
                 if i == batches:
                     break
-                batch = self.transfer_batch_to_device(_unkeyed(batch)[0], self.device, 0)
-                prepared.append(self._prepare(batch)[0])
-                masks.append(self._candidates(batch))
-        if any(mask is not None for mask in masks):  # lazy images: what evaluation encodes
-            self.classifier.recalibrate_batchnorm(prepared, candidates=masks)
-        else:
-            self.classifier.recalibrate_batchnorm(prepared)
+                chosen.append(self.transfer_batch_to_device(_unkeyed(batch)[0], self.device, 0))
+        while chosen:
+            try:
+                prepared = [self._prepare(batch)[0] for batch in chosen]
+                masks = [self._candidates(batch) for batch in chosen]
+                if any(mask is not None for mask in masks):  # lazy: what evaluation encodes
+                    self.classifier.recalibrate_batchnorm(prepared, candidates=masks)
+                else:
+                    self.classifier.recalibrate_batchnorm(prepared)
+                return
+            except DataError as err:  # a slide that cannot be read: without its batch
+                named = {id(b) for b in chosen if any(i.path in str(err) for i in _lazy_images(b))}
+                if not named:
+                    raise
+                logger.warning("recalibration skipped a batch: %s", err)
+                chosen = [b for b in chosen if id(b) not in named]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
