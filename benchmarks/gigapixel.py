@@ -186,7 +186,7 @@ def run_child(argv: list[str], clock: Path, log: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of fit")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps of fit")
     parser.add_argument("--backbone", default="mobilenetv3_small_050")
     parser.add_argument("--limit-gb", type=float, default=3.0, help="peak memory target")
     parser.add_argument("--keep", type=Path, help="write the slides and runs here, and keep them")

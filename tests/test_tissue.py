@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def test_failed_cache_write_warns_and_leaves_no_temp_file(slide_file, tmp_path, 
     assert mask.any() and os.listdir(cache) == []
 
 
-def test_candidates_batch_feeds_the_sampler(slide_file, tmp_path):
+def test_candidates_batch_feeds_the_sampler(slide_file, tmp_path, caplog):
     blank = tmp_path / "blank.tif"
     write_pyramid(blank, np.full((200, 300, 3), 240, np.uint8), tile=64, photometric="rgb")
     grid = PatchGrid((480, 640), 32)
@@ -306,7 +307,14 @@ def test_candidates_batch_feeds_the_sampler(slide_file, tmp_path):
         LazyImage(str(blank), 0, (200, 300), (480, 640)),
     ]
     masks = TissueMasks(max_side=128, memory_items=1)  # also exercises eviction
-    batch = masks.candidates_batch(images, grid)
+    with caplog.at_level(logging.WARNING, logger="patchgd.data"):
+        batch = masks.candidates_batch(images, grid)
+        masks.candidates_batch(images, grid)
+    # The slide without tissue is named once, however often it is visited.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no tissue found in {blank} (thumbnail saturation and brightness): every patch of the "
+        "image is a candidate"
+    ]
     assert batch.dtype == torch.bool and batch.shape == (2, grid.num_patches)
     np.testing.assert_array_equal(batch[0].numpy(), masks.candidates(images[0], grid))
     # The blank slide falls back to every patch over its image area, none in the canvas.

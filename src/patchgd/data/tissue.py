@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 import zipfile
@@ -29,6 +30,7 @@ from patchgd.grid import PatchGrid
 
 __all__ = ["TissueMasks", "mask_preview", "otsu_threshold", "patch_candidates", "tissue_mask"]
 
+logger = logging.getLogger("patchgd.data")
 _CACHE_VERSION = 1  # bump when the mask computation changes, so old cache files are ignored
 
 
@@ -211,6 +213,7 @@ class TissueMasks:
         self.max_side, self.min_fraction, self.fallback_all = max_side, min_fraction, fallback_all
         self.mask_params = {"min_saturation": min_saturation, "min_value": min_value, "blur": blur}
         self.memory_items = memory_items
+        self._no_tissue: set[str] = set()
         self._memory: OrderedDict[str, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
 
     def _key(self, path: str) -> str:
@@ -255,13 +258,20 @@ class TissueMasks:
             path, size = image.path, image.size
         else:
             path, size = os.fspath(image), size or grid.image_size
-        return patch_candidates(
-            self.mask(path),
-            size,
-            grid,
-            min_fraction=self.min_fraction,
-            fallback_all=self.fallback_all,
+        mask = self.mask(path)
+        keep = patch_candidates(
+            mask, size, grid, min_fraction=self.min_fraction, fallback_all=False
         )
+        if keep.any() or not self.fallback_all:
+            return keep
+        if path not in self._no_tissue:  # said once per image, not at every visit
+            self._no_tissue.add(path)
+            logger.warning(
+                "no tissue found in %s (thumbnail saturation and brightness): every patch of "
+                "the image is a candidate",
+                path,
+            )
+        return patch_candidates(mask, size, grid, min_fraction=self.min_fraction)
 
     def candidates_batch(self, images: Sequence[LazyImage], grid: PatchGrid) -> torch.Tensor:
         """``(B, rows * cols)`` bool tensor of candidates, the sampler's ``candidates``."""
