@@ -21,6 +21,7 @@ from patchgd import (
 )
 from patchgd.data.lazy import LazyImage
 from patchgd.data.patches import SourcePatches, image_patches, read_wait
+from patchgd.errors import DataError
 from reference import TinyEncoder, reference_patch
 
 
@@ -358,3 +359,19 @@ def test_a_batch_of_images_of_different_sizes_scores_each_as_alone_on_its_own_gr
         one_probs, one_map = alone.predict_with_map(one, candidates=mine)
         torch.testing.assert_close(probs[i : i + 1], one_probs, atol=1e-6, rtol=0)
         torch.testing.assert_close(heatmap[i, :rows, :cols], one_map[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_corrupt_tile_read_in_a_worker_is_one_line_naming_the_file(tmp_path, num_workers):
+    path = write_pyramid(tmp_path / "slide.tif", np.full((128, 128, 3), 200, np.uint8), 1, 64)
+    damaged = bytearray(path.read_bytes())
+    offset = tifffile.TiffFile(path).pages[0].dataoffsets[0]
+    damaged[offset + 8 : offset + 200] = b"\xff" * 192
+    path.write_bytes(bytes(damaged))
+    grid = PatchGrid(128, 64)
+    source = SourcePatches([LazyImage(str(path), 0, (128, 128), (128, 128))], grid,
+                           num_workers=num_workers)  # fmt: skip
+    with pytest.raises(DataError) as caught:
+        list(source.chunks(4))
+    assert str(caught.value).startswith(f"cannot decode {path} (level 0")
+    assert "\n" not in str(caught.value)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..grid import PatchGrid, extent_mask
 from ..patches import balanced_chunks
 from .lazy import LazyImage
@@ -183,7 +183,11 @@ class SourcePatches:
         batches = iter(loader)  # with workers: they start here, and that is waiting too
         while True:
             start = time.perf_counter()
-            ids, patches = next(batches, (None, None))
+            try:
+                ids, patches = next(batches, (None, None))
+            except DataError as err:  # a worker's: its message carries the worker's traceback
+                reason = str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+                raise DataError(reason) from None
             read_wait.seconds += time.perf_counter() - start
             if ids is None:
                 return
