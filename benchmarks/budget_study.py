@@ -17,8 +17,8 @@ the demo's epochs (:func:`patchgd.demo.run_demo`), and PatchGD once more for twi
 on the test split, which nothing else sees (no checkpoint is chosen). Results go to
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
-    python benchmarks/budget_study.py --canvas 1024   # 51 minutes on two cores
-    python benchmarks/budget_study.py                 # and the 2048 px row, 83 minutes more
+    python benchmarks/budget_study.py                 # both canvases: 101 minutes on two cores
+    python benchmarks/budget_study.py --canvas 1024   # the 1024 px rows alone, 45 minutes
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
 Each canvas has its own section of the page (``budget-1024``, ``budget-2048``), written as soon
