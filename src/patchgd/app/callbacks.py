@@ -348,6 +348,7 @@ def _write_heatmaps(
             shown,
             ax=ax,
             fraction=0.046,
+            format="%.2g",  # attention over thousands of positions is ~1e-4 each
             label="evidence (share of the predicted logit, or attention)",
         )
         ax.set_title(Path(image_id).name, fontsize=9)
