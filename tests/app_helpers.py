@@ -104,3 +104,21 @@ class TermAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def predict_args(run: Path, inputs: str) -> list[str]:
+    """``patchgd predict`` from ``run``'s config and last checkpoint, with heatmaps, on
+    ``inputs`` (a YAML list) through ``PredictImagesDataModule``."""
+    return [
+        "predict",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--model.predict_heatmaps",
+        "true",
+        "--data",
+        "patchgd.app.data.PredictImagesDataModule",
+        "--data.inputs",
+        inputs,
+    ]

@@ -63,3 +63,12 @@ def tiny_ultramnist_args(out, per_class: int = 1) -> list[str]:
     one per class for validation and test."""
     sizes = ["--per-class", str(per_class), "--val-per-class", "1", "--test-per-class", "1"]
     return ["data", "ultramnist", "--out", str(out), "--size", "64", *sizes, "--quiet"]
+
+
+def damage_first_tile(source: Path, target: Path) -> Path:
+    """``target``: a copy of the TIFF ``source`` whose first level-0 tile no longer decodes."""
+    damaged = bytearray(source.read_bytes())
+    offset = tifffile.TiffFile(source).pages[0].dataoffsets[0]
+    damaged[offset + 8 : offset + 200] = b"\xff" * 192
+    target.write_bytes(bytes(damaged))
+    return target

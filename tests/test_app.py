@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from app_helpers import fit_in_subprocess as _fit
+from app_helpers import predict_args as _predict_args
 from app_helpers import run_dir as _run_dir
 from app_helpers import trainer_config
 from images import tiny_ultramnist_args
@@ -222,28 +223,9 @@ def test_predict_writes_probabilities_and_heatmaps_for_files_and_folders(tmp_pat
     assert main(tiny_ultramnist_args("imgs")) == 0
     (tmp_path / "broken.png").write_bytes(b"not an image")
     run = _run_dir(tmp_path)
-    assert (
-        main(
-            [
-                "predict",
-                "--config",
-                str(run / "config.yaml"),
-                "--ckpt_path",
-                str(run / "checkpoints" / "last.ckpt"),
-                "--model.predict_heatmaps",
-                "true",
-                "--data",
-                "patchgd.app.data.PredictImagesDataModule",
-                "--data.inputs",
-                "[imgs/train/000003.png, imgs/val, broken.png]",
-                "--data.target_size",
-                "64",
-                "--data.keep_gray",
-                "true",
-            ]
-        )
-        == 0
-    )
+    inputs = "[imgs/train/000003.png, imgs/val, broken.png]"
+    options = ["--data.target_size", "64", "--data.keep_gray", "true"]
+    assert main([*_predict_args(run, inputs), *options]) == 0
     out = _run_dir(tmp_path, 1)
     with open(out / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -489,9 +471,7 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     training; then lazy predict with heatmaps, where a
     slide larger than the model's canvas, an unreadable file and a corrupt tile are skipped,
     the rest predicted."""
-    import tifffile
-
-    from images import smooth_rgb, write_pyramid
+    from images import damage_first_tile, smooth_rgb, write_pyramid
 
     monkeypatch.chdir(tmp_path)
     rows = ["image_id,label,split"]
@@ -501,10 +481,7 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
         slide[40 : h // 2 + 40, 60 : w // 2 + 60] = smooth_rgb(h // 2, w // 2, seed=i)
         write_pyramid(tmp_path / f"s{i}.tif", slide, n_levels=2, tile=64, photometric="rgb")
         rows.append(f"s{i},{i % 3},{split}")
-    damaged = bytearray((tmp_path / "s2.tif").read_bytes())  # its first tile holds tissue
-    offset = tifffile.TiffFile(tmp_path / "s2.tif").pages[0].dataoffsets[0]
-    damaged[offset + 8 : offset + 200] = b"\xff" * 192
-    (tmp_path / "corrupt.tif").write_bytes(bytes(damaged))
+    damage_first_tile(tmp_path / "s2.tif", tmp_path / "corrupt.tif")  # that tile holds tissue
     rows.append("corrupt,2,train")  # its batch is skipped, named in a warning; the run goes on
     (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
     config = ROOT / "configs" / "folder" / "patchgd_slides.yaml"
@@ -524,20 +501,8 @@ def test_the_shipped_slides_config_trains_on_a_csv_alone_and_predicts_on_slides(
     big = np.full((1800, 500, 3), 235, np.uint8)  # taller than the 1700 × 1800 px canvas
     write_pyramid(tmp_path / "big.tif", big, n_levels=1, tile=64, photometric="rgb")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
-    predict = [
-        "predict",
-        "--config",
-        str(run / "config.yaml"),
-        "--ckpt_path",
-        str(run / "checkpoints" / "last.ckpt"),
-        "--model.predict_heatmaps",
-        "true",
-        "--data",
-        "patchgd.app.data.PredictImagesDataModule",
-        "--data.inputs",
-        "[s2.tif, big.tif, s1.tif, broken.tif, corrupt.tif]",
-    ]
-    assert main(predict) == 0
+    inputs = "[s2.tif, big.tif, s1.tif, broken.tif, corrupt.tif]"
+    assert main(_predict_args(run, inputs)) == 0
     out = _run_dir(tmp_path, 1)
     with open(out / "predictions.csv", newline="") as handle:
         predicted = [row["image"] for row in csv.DictReader(handle)]

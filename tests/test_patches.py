@@ -8,7 +8,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from images import write_pyramid
+from images import damage_first_tile, write_pyramid
 from patchgd import (
     ConfigError,
     HeadConfig,
@@ -363,11 +363,8 @@ def test_a_batch_of_images_of_different_sizes_scores_each_as_alone_on_its_own_gr
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_corrupt_tile_read_in_a_worker_is_one_line_naming_the_file(tmp_path, num_workers):
-    path = write_pyramid(tmp_path / "slide.tif", np.full((128, 128, 3), 200, np.uint8), 1, 64)
-    damaged = bytearray(path.read_bytes())
-    offset = tifffile.TiffFile(path).pages[0].dataoffsets[0]
-    damaged[offset + 8 : offset + 200] = b"\xff" * 192
-    path.write_bytes(bytes(damaged))
+    whole = write_pyramid(tmp_path / "whole.tif", np.full((128, 128, 3), 200, np.uint8), 1, 64)
+    path = damage_first_tile(whole, tmp_path / "slide.tif")
     grid = PatchGrid(128, 64)
     source = SourcePatches([LazyImage(str(path), 0, (128, 128), (128, 128))], grid,
                            num_workers=num_workers)  # fmt: skip
