@@ -5,10 +5,12 @@ Z-fill image by image (every patch of one image in one encoder call, as the auth
 fills), then ζ inner iterations that each re-encode k patches per image (one random permutation
 of the grid per batch, shared by its images) with gradients, write them into a detached Z, run
 the head and step the optimizer every ε iterations. ``patchgd`` runs the same step through
-``PatchGDClassifier.training_step``, at its defaults and with the fast path (bf16 autocast over
-the whole step, and over the fill only) and with its encoder compiled (``compile_encoder``;
-the compile's own time is reported apart). All start from the same weights, on the same random
-batch, with Adam; repeats are interleaved and the tables give medians.
+``PatchGDClassifier.training_step``, at its defaults (patches channels-last on the CPU), with
+the patches as the images come (``channels_last=False``, as the reference), with the fast path
+(bf16 autocast over the whole step, and over the fill only) and with its encoder compiled
+(``compile_encoder``; the compile's own time is reported apart). All start from the same
+weights, on the same random batch, with Adam; repeats are interleaved and the tables give
+medians.
 
 The configuration is that of the authors' UltraMNIST code: ResNet50, 512 px images, D = 256,
 1/8 of the grid per inner iteration, ζ = ε = every patch once, batch 4, 6 classes, the paper's
@@ -53,12 +55,16 @@ from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks  # noqa: E402
 
 SECTION, FIGURE = "step-speed", "step_speed"
 CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
-METHODS = ("straightforward", "patchgd", "bf16 fill", "bf16 fill, CL", "bf16 step", "compiled")
+METHODS = (
+    "straightforward", "patchgd", "contiguous", "bf16 fill", "bf16 fill, CL", "bf16 step",
+    "compiled",
+)  # fmt: skip
 LABELS = {
     "straightforward": "straightforward",
     "patchgd": "patchgd",
+    "contiguous": "patchgd, contiguous",
     "bf16 fill": "patchgd, bf16 fill",
-    "bf16 fill, CL": "patchgd, bf16 fill, channels-last",
+    "bf16 fill, CL": "patchgd, bf16 fill, channels-last weights",
     "bf16 step": "patchgd, bf16 step",
     "compiled": "patchgd, compiled encoder",
 }
@@ -127,8 +133,11 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
         backbone, CLASSES, args.image, patch, latent_dim=LATENT, loop=loop
     ).to(device)
     reference = copy.deepcopy(model)  # the same weights for the straightforward loop
-    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    last.fill_dtype = torch.bfloat16
+    contiguous = copy.deepcopy(model)
+    contiguous.channels_last = False  # the layout the images come in, as the reference
+    last = copy.deepcopy(model)
+    last.channels_last, last.fill_dtype = True, torch.bfloat16
+    last.encoder.to(memory_format=torch.channels_last)
     row = Row(
         backbone, patch, args.image, model.loop.patches_per_iteration, model.loop.inner_iterations,
         model.chunk_for(),
@@ -138,8 +147,8 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     generator = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=LR)
+    contiguous_opt = torch.optim.Adam(contiguous.parameters(), lr=LR)
     last_opt = torch.optim.Adam(last.parameters(), lr=LR)
-    last_images = images.contiguous(memory_format=torch.channels_last)
     if args.compile:
         # Each row compiles from nothing: dynamo's in-memory cache keeps guards for every model
         # compiled before (8 per code object, then it runs eager) and inductor's disk cache
@@ -173,13 +182,14 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
             generator,
         ),  # fmt: skip
         "patchgd": patchgd,
+        "contiguous": lambda: contiguous.training_step(images, targets, contiguous_opt),
         "bf16 fill": lambda: patchgd(fill_dtype=torch.bfloat16),
-        "bf16 fill, CL": lambda: last.training_step(last_images, targets, last_opt),
+        "bf16 fill, CL": lambda: last.training_step(images, targets, last_opt),
         "bf16 step": lambda: patchgd(bf16(device)),
     }
     if args.compile:
         calls["compiled"] = lambda: compiled.training_step(images, targets, compiled_opt)
-    model.train(), reference.train(), last.train()
+    model.train(), reference.train(), contiguous.train(), last.train()
 
     def show(r: int, seconds: dict[str, list[float]]) -> None:
         progress(
@@ -247,10 +257,13 @@ def report(rows: list[Row], args) -> None:
             "In brackets: the ratio to the straightforward loop, measured side by side. "
             "*straightforward*: Algorithm 1 as the paper states it, written in the benchmark "
             "(per-image fill). *patchgd*: `PatchGDClassifier.training_step` at its defaults "
-            "(fill chunk as shown, the fill skipping the first inner iteration's patches). "
-            "*bf16 fill*: the same with `fill_dtype='bfloat16'` (the fill under bf16 autocast; "
-            "Z and the inner iterations in fp32). *channels-last*: the same, with the model and "
-            "the batch in channels-last memory format. "
+            "(fill chunk as shown, the fill skipping the first inner iteration's patches, the "
+            "patches channels-last on the CPU). *contiguous*: the same with "
+            "`channels_last=False`, the patches in the layout the images come in, as the "
+            "straightforward loop's. "
+            "*bf16 fill*: the defaults with `fill_dtype='bfloat16'` (the fill under bf16 "
+            "autocast; Z and the inner iterations in fp32). *channels-last weights*: the same, "
+            "with `channels_last=True`, which also stores the encoder's weights channels-last. "
             "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`). "
             "*compiled encoder*: `compile_encoder=True` (`torch.compile`, default options), "
             "timed after its first step; that first step, compile included, is the last column.",

@@ -19,6 +19,7 @@ from patchgd import (
     PatchGDClassifier,
     StepHooks,
 )
+from patchgd.backbones import in_backbone_layout
 from patchgd.errors import ConfigError
 from patchgd.head import evidence
 from patchgd.model import DEFAULT_FILL_ACTIVATION, default_fill_chunk
@@ -54,20 +55,22 @@ def test_cnn_and_vit_backbones_lower_the_loss_on_a_tiny_fixed_batch(backbone):
 # before it of gradient on the first step; turned off so every parameter must move.
 RESNET = {"zero_init_last": False}
 MODELS = {
-    "patchgd": lambda: PatchGDClassifier(
-        "test_resnet", 5, 64, 32, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET
+    "patchgd": lambda **kw: PatchGDClassifier(
+        "test_resnet", 5, 64, 32, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET,
+        **kw,
     ),
-    "gd": lambda: GDClassifier("test_resnet", 5, 64, backbone_kwargs=RESNET),
-    "gd_extended": lambda: GDExtendedClassifier(
-        "test_resnet", 5, 64, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET
+    "gd": lambda **kw: GDClassifier("test_resnet", 5, 64, backbone_kwargs=RESNET, **kw),
+    "gd_extended": lambda **kw: GDExtendedClassifier(
+        "test_resnet", 5, 64, latent_dim=16, head=HeadConfig(width=16), backbone_kwargs=RESNET,
+        **kw,
     ),
-    "gd_downscaled": lambda: DownscaledGDClassifier(
-        "test_resnet", 5, 64, input_size=32, backbone_kwargs=RESNET
+    "gd_downscaled": lambda **kw: DownscaledGDClassifier(
+        "test_resnet", 5, 64, input_size=32, backbone_kwargs=RESNET, **kw
     ),
-    "gd_extended_vit": lambda: GDExtendedClassifier(
-        "test_vit", 5, 64, latent_dim=16, head=HeadConfig(width=16)
+    "gd_extended_vit": lambda **kw: GDExtendedClassifier(
+        "test_vit", 5, 64, latent_dim=16, head=HeadConfig(width=16), **kw
     ),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -429,3 +432,56 @@ def test_sizes_left_to_the_data_must_be_given_outside_the_command_line(build, me
     # `patchgd fit` fills num_classes and image_size from the data; the library API cannot.
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_backbones_run_channels_last_on_the_cpu_unless_told_otherwise_with_the_same_results(name):
+    """``channels_last``: ``None`` (default) and ``True`` give the first convolution
+    channels-last input on the CPU in a training step, ``False`` the images as they come;
+    ``True`` also stores the weights channels-last. The backbone's outputs and gradients are
+    those of the contiguous layout within fp32 rounding (gradients within 1e-3 of their
+    largest: these toy backbones' BatchNorm over two images at 1 × 1 amplifies rounding; a
+    wrong layout would be off by the whole gradient)."""
+    torch.manual_seed(1)
+    images, targets = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
+    patches = torch.randn(6, 3, 32, 32)
+    results = {}
+    for setting in (None, True, False):
+        torch.manual_seed(0)
+        model = MODELS[name](channels_last=setting).train()
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert _channels_last(conv.weight) == (setting is True)
+        seen: list[bool] = []
+        hook = conv.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(_channels_last(a[0]))
+        )
+        model.training_step(images, targets, torch.optim.SGD(model.parameters(), lr=0.0))
+        assert seen and all(layout == (setting is not False) for layout in seen), seen
+        hook.remove()
+        model.zero_grad()
+        out = model.encoder(patches) if name == "patchgd" else model(images)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[setting] = out.detach(), [p.grad for p in model.parameters()]
+    plain_out, plain_grads = results[False]
+    for setting in (None, True):
+        out, grads = results[setting]
+        torch.testing.assert_close(out, plain_out, rtol=1e-4, atol=1e-5)
+        for (param, _), a, b in zip(model.named_parameters(), grads, plain_grads, strict=True):
+            if b is not None:
+                scale = b.abs().max().item()
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * scale, msg=param)
+
+
+def test_the_default_layout_is_channels_last_on_the_cpu_only():
+    cpu = torch.zeros(2, 3, 8, 8)
+    meta = torch.empty(2, 3, 8, 8, device="meta")  # stands for any other device
+    assert _channels_last(in_backbone_layout(cpu, None))
+    assert not _channels_last(in_backbone_layout(meta, None))
+    assert _channels_last(in_backbone_layout(meta, True))
+    assert in_backbone_layout(cpu, False) is cpu
+    flat = torch.zeros(4, 16)  # not an image batch: left as it is
+    assert in_backbone_layout(flat, True) is flat

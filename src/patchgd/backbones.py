@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import timm
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .conv import use_stride_safe_convolutions
 from .errors import ConfigError, require_count
@@ -19,6 +20,21 @@ Pretrained = str | Path | bool | None
 #: (uniform ±1/√fan_in); ``"fan_out"``, uniform ±1/√fan_out with zero bias, as timm starts the
 #: classifiers of MobileNet and EfficientNet (see :func:`fan_out_init`).
 LinearInit = Literal["default", "fan_out"]
+#: The memory format a backbone's convolutions run in: ``True`` channels-last on every device,
+#: ``False`` as the images come (contiguous), ``None`` channels-last on the CPU only. On the CPU
+#: (oneDNN) channels-last trained ResNet50, ResNet18, EfficientNet-B0 and MobileNetV3 1.04–1.57×
+#: as fast in fp32 (docs/benchmarks.md, "One training step"); on GPUs it is unmeasured here.
+ChannelsLast = bool | None
+
+
+def in_backbone_layout(images: Tensor, channels_last: ChannelsLast) -> Tensor:
+    """``images`` (``(B, C, H, W)``) in the memory format that ``channels_last`` names for
+    their device. The values are unchanged; a convolution given channels-last input runs its
+    channels-last kernels, and its output, and so every later layer, stays channels-last."""
+    wanted = images.device.type == "cpu" if channels_last is None else channels_last
+    if wanted and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def fan_out_init(layer: nn.Linear) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithm import StepHooks, StepResult, plain_optimizer_step
-from .backbones import Pretrained, create_backbone
+from .backbones import ChannelsLast, Pretrained, create_backbone, in_backbone_layout
 from .errors import ConfigError, from_data, require_count
 from .grid import as_pair
 from .head import HeadConfig
@@ -44,6 +44,8 @@ class GDClassifier(Classifier):
             of at most this many images whose gradients add up to the whole batch's, for one
             optimizer step. Memory is a micro-batch's; BatchNorm in training mode normalises
             each micro-batch with its own statistics. ``None``: the whole batch at once.
+        channels_last: the memory format the backbone runs in, as PatchGD's encoder
+            (:data:`~patchgd.backbones.ChannelsLast`; by default channels-last on the CPU).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class GDClassifier(Classifier):
         freeze_bn: bool = False,
         grad_checkpointing: bool = False,
         micro_batch: int | None = None,
+        channels_last: ChannelsLast = None,
     ) -> None:
         super().__init__()
         num_classes = from_data(type(self).__name__, "num_classes", num_classes)
@@ -78,6 +81,9 @@ class GDClassifier(Classifier):
         if micro_batch is not None and micro_batch < 1:
             raise ConfigError(f"micro_batch must be at least 1, got {micro_batch}")
         self.micro_batch = micro_batch
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         if grad_checkpointing:
             try:
                 self.backbone.set_grad_checkpointing(True)
@@ -95,7 +101,7 @@ class GDClassifier(Classifier):
         return self.backbone.get_classifier()  # timm's last layer
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images)
+        return self.backbone(in_backbone_layout(images, self.channels_last))
 
     def training_step(
         self,
@@ -144,7 +150,7 @@ class DownscaledGDClassifier(GDClassifier):
             images = F.interpolate(
                 images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False
             )
-        return self.backbone(images)
+        return self.backbone(in_backbone_layout(images, self.channels_last))
 
 
 class GDExtendedClassifier(GDClassifier):
@@ -168,6 +174,7 @@ class GDExtendedClassifier(GDClassifier):
         freeze_bn: bool = False,
         grad_checkpointing: bool = False,
         micro_batch: int | None = None,
+        channels_last: ChannelsLast = None,
     ) -> None:
         require_count("latent_dim", latent_dim)
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
@@ -181,6 +188,7 @@ class GDExtendedClassifier(GDClassifier):
             freeze_bn=freeze_bn,
             grad_checkpointing=grad_checkpointing,
             micro_batch=micro_batch,
+            channels_last=channels_last,
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(
@@ -194,6 +202,7 @@ class GDExtendedClassifier(GDClassifier):
         return nn.ModuleList([self.proj, self.head])
 
     def forward(self, images: Tensor) -> Tensor:
+        images = in_backbone_layout(images, self.channels_last)
         return self.head(self.proj(_feature_map(self.backbone, images)))
 
 

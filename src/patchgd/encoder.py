@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import Pretrained, create_backbone
+from .backbones import ChannelsLast, Pretrained, create_backbone, in_backbone_layout
 from .batchnorm import keep_modes
 from .errors import require_count
 
@@ -27,6 +27,9 @@ class PatchEncoder(nn.Module):
         latent_dim: D, the channels of the latent grid Z (the paper uses 256).
         in_chans: image channels.
         pretrained: local weights file, ``True`` for timm's hub weights, or ``None``.
+        channels_last: the memory format the backbone runs in (:data:`~patchgd.backbones.
+            ChannelsLast`; by default channels-last on the CPU). ``True`` also stores the
+            backbone's weights channels-last.
         **backbone_kwargs: passed to ``timm.create_model``.
     """
 
@@ -37,6 +40,7 @@ class PatchEncoder(nn.Module):
         latent_dim: int = 256,
         in_chans: int = 3,
         pretrained: Pretrained = None,
+        channels_last: ChannelsLast = None,
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -57,9 +61,12 @@ class PatchEncoder(nn.Module):
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.proj = nn.Linear(width, latent_dim)
         self._largest_activation: int | None = None
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, patches: Tensor) -> Tensor:
-        return self.proj(self.backbone(patches))
+        return self.proj(self.backbone(in_backbone_layout(patches, self.channels_last)))
 
     def largest_activation(self) -> int:
         """Elements of the backbone's largest layer output for one patch (the outputs of its
@@ -85,7 +92,7 @@ class PatchEncoder(nn.Module):
             try:
                 with keep_modes(self.backbone), torch.no_grad():
                     self.backbone.eval()
-                    self.backbone(blank)
+                    self.backbone(in_backbone_layout(blank, self.channels_last))
             finally:
                 for handle in handles:
                     handle.remove()

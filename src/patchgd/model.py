@@ -22,7 +22,7 @@ from .algorithm import (
     valid_positions,
 )
 from .algorithm import train_step as patchgd_train_step
-from .backbones import LinearInit, Pretrained, fan_out_init
+from .backbones import ChannelsLast, LinearInit, Pretrained, fan_out_init
 from .batchnorm import recalibrating
 from .encoder import PatchEncoder
 from .errors import ConfigError, from_data
@@ -88,6 +88,8 @@ class Classifier(nn.Module):
     plans_input_size: bool = False
     #: Gradient accumulation: images per forward pass within a batch (``None``: the whole batch).
     micro_batch: int | None = None
+    #: The memory format its backbone runs in (:data:`~patchgd.backbones.ChannelsLast`).
+    channels_last: ChannelsLast = None
 
     @property
     def optimizer_steps(self) -> int:
@@ -211,6 +213,10 @@ class PatchGDClassifier(Classifier):
             the encoder a lower learning rate (``docs/reproduction.md``).
         linear_init: how the encoder's projection to Z and the head's last linear layer start
             (:data:`~patchgd.backbones.LinearInit`).
+        channels_last: the memory format the encoder runs in: by default channels-last on the
+            CPU, where it trained 1.04–1.57× as fast in fp32 (docs/benchmarks.md), and the
+            images' own elsewhere; ``True``: channels-last everywhere, weights included;
+            ``False``: the images' own (:data:`~patchgd.backbones.ChannelsLast`).
         compile_encoder: compile the patch encoder with ``torch.compile`` (in place, so the
             state dict and checkpoints are unchanged). The first steps pay the compile (1–2
             minutes for ResNet50 on two CPU cores); measured in docs/benchmarks.md, off by
@@ -249,6 +255,7 @@ class PatchGDClassifier(Classifier):
         fill_dtype: FillDtype = None,
         freeze_bn: bool = False,
         linear_init: LinearInit = "default",
+        channels_last: ChannelsLast = None,
         compile_encoder: bool = False,
         z_refresh_every: int = 1,
         seed: int = 0,
@@ -269,7 +276,13 @@ class PatchGDClassifier(Classifier):
         self.fill_dtype = _fill_dtype(fill_dtype)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.encoder = PatchEncoder(
-            backbone, patch_size, latent_dim, in_chans, pretrained, **(backbone_kwargs or {})
+            backbone,
+            patch_size,
+            latent_dim,
+            in_chans,
+            pretrained,
+            channels_last,
+            **(backbone_kwargs or {}),
         )
         self.head = (head or HeadConfig()).build(latent_dim, num_classes, self.grid.shape)
         if linear_init == "fan_out":
@@ -303,6 +316,14 @@ class PatchGDClassifier(Classifier):
     @property
     def input_size(self) -> tuple[int, int]:  # type: ignore[override]
         return self.grid.image_size  # the patches come from the whole image
+
+    @property
+    def channels_last(self) -> ChannelsLast:  # type: ignore[override]
+        return self.encoder.channels_last  # only the encoder runs convolutions on pixels
+
+    @channels_last.setter
+    def channels_last(self, value: ChannelsLast) -> None:
+        self.encoder.channels_last = value
 
     @property
     def optimizer_steps(self) -> int:

@@ -104,7 +104,10 @@ class PatchGDTask(L.LightningModule):
         warmup_epochs: linear warm-up from 0 over this many epochs (the paper: 2).
         final_lr_fraction: the learning rate decays linearly to this fraction of the peak by the
             last epoch (the paper: 0.5).
-        channels_last: train in channels-last memory format.
+        channels_last: the memory format the classifier's backbone runs in: ``True``
+            channels-last on every device (weights included), ``False`` as the images come,
+            ``None`` the classifier's own (by default channels-last on the CPU; see
+            :data:`patchgd.backbones.ChannelsLast`).
         predict_heatmaps: with PatchGD, ``predict`` also returns each position's evidence for
             the predicted class (:func:`patchgd.head.evidence`: attention weights, or the
             contribution to the class's logit), which the prediction writer draws over the image
@@ -124,7 +127,7 @@ class PatchGDTask(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_epochs: float = 2.0,
         final_lr_fraction: float = 0.5,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         predict_heatmaps: bool = False,
         recalibrate_bn_batches: int = 4,
     ) -> None:
@@ -163,6 +166,8 @@ class PatchGDTask(L.LightningModule):
     def set_classifier(self, classifier: Classifier) -> None:
         """Use ``classifier`` (e.g. one the memory planner rebuilt at another input size)."""
         self.classifier = classifier
+        if self.hparams.channels_last is not None:
+            self.classifier.channels_last = self.hparams.channels_last
         if self.hparams.channels_last:
             self.classifier.to(memory_format=torch.channels_last)
 
@@ -434,7 +439,6 @@ class PatchGDTask(L.LightningModule):
         return self._predict(batch[0] if isinstance(batch, tuple | list) else batch)
 
     def _predict(self, images: Any, candidates: Tensor | None = None) -> dict[str, Tensor]:
-        images = self._to_memory_format(images)
         if not self.predict_heatmaps and candidates is None:
             return {"probs": self.classifier.predict_proba(images)}
         probs, heatmap = self.classifier.predict_with_map(images, candidates)
@@ -497,7 +501,7 @@ class PatchGDTask(L.LightningModule):
                 raise ConfigError("lazily read images (data mode: lazy) need PatchGDClassifier")
             grid = self.classifier.grid
             return self.trainer.datamodule.patch_provider(images, grid, self.device), targets
-        return self._to_memory_format(images), targets
+        return images, targets
 
     def _candidates(self, batch: tuple[Any, Tensor]) -> Tensor | None:
         """Lazy images' tissue patches (``None``: every patch): the only ones the fill encodes
@@ -505,11 +509,6 @@ class PatchGDTask(L.LightningModule):
         if not isinstance(batch, LazyBatch):
             return None
         return self.trainer.datamodule.candidates(batch.images, self.classifier.grid)
-
-    def _to_memory_format(self, images: Tensor) -> Tensor:
-        if self.hparams.channels_last and isinstance(images, Tensor):
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
 
     # -- reproducible resume ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
