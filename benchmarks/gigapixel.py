@@ -12,8 +12,8 @@ time. Then, as a user would, each in a fresh process:
 
 A thread samples the memory of the process and of its reader workers
 (:func:`patchgd.memory.process_tree_pss`) every 0.2 s. A callback times each step and reads
-:data:`patchgd.data.patches.read_wait`: the share of a step spent waiting for patches from disk
-(what the reader workers did not hide behind the encoder) and patches read per second.
+:data:`patchgd.data.source_patches.read_wait`: the share of a step spent waiting for patches
+from disk (what the reader workers did not hide behind the encoder) and patches read per second.
 
     python benchmarks/gigapixel.py            # ~15 minutes on two cores
     python benchmarks/gigapixel.py --quick    # 2 048 and 2 500 px slides (tests)
@@ -64,12 +64,12 @@ class StepClock(L.Callback):
         self._start = (0.0, 0.0, 0)
 
     def _begin(self) -> None:
-        from patchgd.data.patches import read_wait
+        from patchgd.data.source_patches import read_wait
 
         self._start = (time.perf_counter(), read_wait.seconds, read_wait.patches)
 
     def _end(self, stage: str) -> None:
-        from patchgd.data.patches import read_wait
+        from patchgd.data.source_patches import read_wait
 
         t0, wait0, patches0 = self._start
         self.rows.append(
@@ -254,7 +254,7 @@ def main() -> None:
                 "--ckpt_path",
                 str(run / "checkpoints" / "last.ckpt"),
                 "--data",
-                "patchgd.app.data.PredictImagesDataModule",
+                "patchgd.app.datamodules.PredictImagesDataModule",
                 "--data.inputs",
                 f"[{slides[0][0]}, {slides[1][0]}]",
                 "--model.predict_heatmaps",

@@ -91,7 +91,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     model = model.to(device).train()
     if method == PATCHGD_TIFF:
         from patchgd.data.lazy import LazyImage
-        from patchgd.data.patches import SourcePatches
+        from patchgd.data.source_patches import SourcePatches
 
         image = LazyImage(spec["tiff"], 0, (size, size), (size, size))
         batch: Any = SourcePatches([image], model.grid, device=device, num_workers=0)

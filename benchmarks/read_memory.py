@@ -70,7 +70,7 @@ def fill_all(path: str, patch: int, workers: int) -> dict:
 
     from patchgd import PatchGrid, fill_z
     from patchgd.data.lazy import LazyImage
-    from patchgd.data.patches import SourcePatches
+    from patchgd.data.source_patches import SourcePatches
     from patchgd.data.sources import open_image
 
     with open_image(path) as source:

@@ -132,7 +132,8 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
     model = PatchGDClassifier(
         backbone, CLASSES, args.image, patch, latent_dim=LATENT, loop=loop
     ).to(device)
-    reference = copy.deepcopy(model)  # the same weights for the straightforward loop
+    reference = copy.deepcopy(model)  # the same weights for the straightforward loop,
+    reference.channels_last = False  # whose patches keep the images' layout, as a user's would
     contiguous = copy.deepcopy(model)
     contiguous.channels_last = False  # the layout the images come in, as the reference
     last = copy.deepcopy(model)

@@ -118,7 +118,7 @@ def predict_args(run: Path, inputs: str) -> list[str]:
         "--model.predict_heatmaps",
         "true",
         "--data",
-        "patchgd.app.data.PredictImagesDataModule",
+        "patchgd.app.datamodules.PredictImagesDataModule",
         "--data.inputs",
         inputs,
     ]

@@ -169,14 +169,25 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
 def test_every_config_parses_and_builds_its_model(config, tmp_path, monkeypatch):
-    from patchgd.app.cli import PatchGDCLI, trainer_defaults
+    from patchgd.app.lightning_cli import PatchGDCLI, trainer_defaults
     from patchgd.app.task import PatchGDTask
     from patchgd.model import Classifier
 
     monkeypatch.chdir(tmp_path)
     header = config.read_text().splitlines()[:6]
-    assert any(line.startswith("#   patchgd ") for line in header), "no command in the header"
-    args = ["--config", str(config)]
+    commands = [line[4:].split() for line in header if line.startswith("#   patchgd ")]
+    assert commands, "no command in the header"
+    # The configs the header's command names (a base and a method file, or this file alone).
+    named = [
+        w
+        for c in commands
+        if c[1] == "fit"
+        for f, w in zip(c, c[1:], strict=False)
+        if f == "--config"
+    ]
+    assert not named or str(config.relative_to(ROOT)) in named, "the header's command omits it"
+    args = [a for f in named or [str(config.relative_to(ROOT))] for a in ("--config", ROOT / f)]
+    args = [str(a) for a in args]
     if "num_classes: null" in config.read_text():  # from the data on fit, which is not here
         args += ["--model.classifier.init_args.num_classes", "4"]
         args += ["--model.classifier.init_args.image_size", "4096"]
@@ -193,8 +204,39 @@ def test_every_config_parses_and_builds_its_model(config, tmp_path, monkeypatch)
     assert cli.model.classifier.num_classes in (4, 6, 10)
 
 
+PAPER = ROOT / "configs" / "paper"
+
+
+@pytest.mark.parametrize("method", ["patchgd", "gd", "gd_extended", "gd_downscaled"])
+def test_the_papers_cells_are_its_base_a_method_and_the_documented_overrides(method, tmp_path):
+    """configs/paper: the base (ResNet50, 4 GB) with one method file; the header's overrides
+    give the 16 GB budget and MobileNetV2 and change nothing else."""
+    from patchgd.app.lightning_cli import PatchGDCLI, trainer_defaults
+    from patchgd.app.task import PatchGDTask
+
+    base = ["--config", str(PAPER / "ultramnist.yaml"), "--config", str(PAPER / f"{method}.yaml")]
+    header = (PAPER / "ultramnist.yaml").read_text()
+    overrides = ["--memory-budget", "16GB", "--model.classifier.init_args.backbone"]
+    assert all(o in header for o in overrides) and "mobilenetv2_100" in header
+    configs = {}
+    for extra in ([], ["--memory-budget", "16GB"], overrides[2:] + ["mobilenetv2_100"]):
+        cli = PatchGDCLI(
+            PatchGDTask, None, subclass_mode_data=True, run=False,
+            trainer_defaults=trainer_defaults(), args=base + extra, auto_configure_optimizers=False,
+        )  # fmt: skip
+        configs[len(configs)] = cli.config.as_dict()
+    plain, big, mobile = configs.values()
+    assert plain["memory_budget"] == "4GB" and plain["trainer"]["max_epochs"] == 100
+    assert plain["model"]["classifier"]["init_args"]["backbone"] == "resnet50"
+    assert plain["data"]["init_args"]["batch_size"] == 32
+    assert big == {**plain, "memory_budget": "16GB"}
+    mobile_args = mobile["model"]["classifier"].pop("init_args")
+    plain_args = dict(plain["model"]["classifier"].pop("init_args"))
+    assert mobile == plain and mobile_args == {**plain_args, "backbone": "mobilenetv2_100"}
+
+
 def test_epoch_shuffle_depends_only_on_seed_and_epoch():
-    from patchgd.app.data import EpochShuffle
+    from patchgd.app.datamodules import EpochShuffle
 
     a, b = EpochShuffle(50, seed=3), EpochShuffle(50, seed=3)
     orders = []
@@ -387,7 +429,7 @@ model:
       loop: {{patches_per_iteration: 4}}
   warmup_epochs: 0.5
 data:
-  class_path: patchgd.app.data.ImageFolderDataModule
+  class_path: patchgd.app.datamodules.ImageFolderDataModule
   init_args:
     csv: {tmp_path / "labels.csv"}
     mode: lazy
@@ -421,7 +463,7 @@ data:
 
 def test_without_tissue_masks_lazy_candidates_leave_out_the_canvas_padding(tmp_path):
     from patchgd import PatchGrid
-    from patchgd.app.data import ImageFolderDataModule
+    from patchgd.app.datamodules import ImageFolderDataModule
     from patchgd.data.lazy import LazyImage
 
     data = ImageFolderDataModule(str(tmp_path / "labels.csv"), mode="lazy", level=0)
@@ -447,7 +489,7 @@ def test_a_lazy_canvas_that_differs_from_the_model_fails_in_one_line(tmp_path, m
             "--config",
             str(TINY),
             "--data",
-            "patchgd.app.data.ImageFolderDataModule",
+            "patchgd.app.datamodules.ImageFolderDataModule",
             "--data.csv",
             str(tmp_path / "labels.csv"),
             "--data.mode",

@@ -8,9 +8,12 @@ code must validate with it and load its state dict strictly.
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from patchgd import HeadConfig, PatchGDClassifier
@@ -52,3 +55,20 @@ def test_a_checkpoint_from_before_the_classifier_interface_and_head_pools_still_
     prefix = "classifier."
     model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True)
     torch.testing.assert_close(model.head.fc.weight, state["classifier.head.fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("patchgd.app.data", "patchgd.app.datamodules", "UltraMNISTDataModule"),
+        ("patchgd.app.cli", "patchgd.app.lightning_cli", "run_lightning"),
+        ("patchgd.data.patches", "patchgd.data.source_patches", "SourcePatches"),
+    ],
+)
+def test_renamed_modules_still_import_from_their_old_paths_with_a_warning(old, new, name):
+    """Configs written before the renames name ``patchgd.app.data.…`` (as the checkpoint
+    above does); code imports the old paths. Both keep working for one release."""
+    sys.modules.pop(old, None)
+    with pytest.warns(FutureWarning, match=new):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

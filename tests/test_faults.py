@@ -97,7 +97,7 @@ def test_predict_with_a_truncated_image_predicts_the_others_and_lists_it(
     run = run_dir(tmp_path)
     args = ["predict", "--config", str(run / "config.yaml")]
     args += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
-    args += ["--data", "patchgd.app.data.PredictImagesDataModule"]
+    args += ["--data", "patchgd.app.datamodules.PredictImagesDataModule"]
     args += ["--data.inputs", f"[{', '.join(inputs)}]", "--data.target_size", "64"]
     args += ["--data.keep_gray", "true", "--data.num_workers", "2"]
     assert main([*args, "--data.batch_size", str(batch_size)]) == 0
@@ -251,7 +251,7 @@ def test_predict_inputs_that_are_not_images_are_named_not_dropped_silently(tmp_p
 
     from PIL import Image
 
-    from patchgd.app.data import expand_inputs
+    from patchgd.app.datamodules import expand_inputs
 
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -318,7 +318,7 @@ def test_a_truncated_image_met_in_training_with_workers_is_one_line_naming_it(
     bad = tmp_path / "imgs" / "train" / "000003.png"
     whole = bad.read_bytes()
     bad.write_bytes(whole[: len(whole) // 2])
-    args = [*ONE_EPOCH, "--data", "patchgd.app.data.ImageFolderDataModule"]
+    args = [*ONE_EPOCH, "--data", "patchgd.app.datamodules.ImageFolderDataModule"]
     args += ["--data.csv", "imgs/labels.csv", "--data.target_size", "64"]
     args += ["--data.fill", "[0, 0, 0]", "--data.num_workers", "2", "--data.batch_size", "2"]
     capsys.readouterr()

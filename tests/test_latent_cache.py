@@ -171,7 +171,7 @@ def test_training_batches_name_their_images_so_fit_reuses_z(tmp_path):
     and starts each step of the second from it (no fill: only the inner iterations encode)."""
     import lightning as L
 
-    from patchgd.app.data import KeyedBatch, UltraMNISTDataModule
+    from patchgd.app.datamodules import KeyedBatch, UltraMNISTDataModule
     from patchgd.app.task import PatchGDTask
 
     data = UltraMNISTDataModule(

@@ -485,3 +485,21 @@ def test_the_default_layout_is_channels_last_on_the_cpu_only():
     assert in_backbone_layout(cpu, False) is cpu
     flat = torch.zeros(4, 16)  # not an image batch: left as it is
     assert in_backbone_layout(flat, True) is flat
+
+
+def test_one_channel_images_run_channels_last_too():
+    """An ``(N, 1, H, W)`` batch is channels-last contiguous as it is, but a convolution reads
+    its strides: the first layer's output must come out channels-last, the values unchanged."""
+    gray = torch.randn(2, 1, 16, 16)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    assert not _channels_last(conv(gray))
+    laid = in_backbone_layout(gray, None)
+    assert _channels_last(conv(laid)) and torch.equal(laid, gray)
+    model = PatchGDClassifier("test_resnet", 3, 32, 16, latent_dim=8, in_chans=1)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    outputs = []
+    first.register_forward_hook(lambda m, a, out: outputs.append(_channels_last(out)))
+    model.train().training_step(
+        torch.randn(2, 1, 32, 32), torch.tensor([0, 1]), torch.optim.SGD(model.parameters())
+    )
+    assert outputs and all(outputs)

@@ -20,7 +20,7 @@ from patchgd import (
     fill_z,
 )
 from patchgd.data.lazy import LazyImage
-from patchgd.data.patches import SourcePatches, image_patches, read_wait
+from patchgd.data.source_patches import SourcePatches, image_patches, read_wait
 from patchgd.errors import DataError
 from reference import TinyEncoder, reference_patch
 
@@ -241,7 +241,7 @@ def test_canvas_must_match_the_grid(disk_images):
 def test_collate_lazy_keeps_images_as_a_list_and_stacks_labels(disk_images):
     from torch.utils.data import DataLoader
 
-    from patchgd.data.patches import LazyBatch, collate_lazy
+    from patchgd.data.source_patches import LazyBatch, collate_lazy
 
     items = [
         (LazyImage(p, level, px.shape[:2], (400, 400)), label)
@@ -262,7 +262,7 @@ def test_the_readme_loop_trains_on_lazy_slides_with_tissue_candidates(tmp_path):
 
     from images import smooth_rgb
     from patchgd.data.dataset import LargeImageDataset
-    from patchgd.data.patches import collate_lazy
+    from patchgd.data.source_patches import collate_lazy
     from patchgd.data.table import read_table
     from patchgd.data.tissue import TissueMasks
 
@@ -372,3 +372,20 @@ def test_a_corrupt_tile_read_in_a_worker_is_one_line_naming_the_file(tmp_path, n
         list(source.chunks(4))
     assert str(caught.value).startswith(f"cannot decode {path} (level 0")
     assert "\n" not in str(caught.value)
+
+
+def test_random_patches_serve_every_position_once_per_fill_in_the_grids_shape():
+    """The planner's stand-in for a lazily read batch is a full ``PatchProvider``."""
+    from patchgd.patches import PatchProvider, RandomPatches
+
+    grid = PatchGrid((40, 24), 8)  # 5 × 3 positions
+    provider = RandomPatches(2, grid, 3, torch.device("cpu"))
+    assert isinstance(provider, PatchProvider) and provider.batch_size == 2
+    seen = []
+    for ids, patches in provider.chunks(4):
+        assert patches.shape == (len(ids), 3, 8, 8)
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(2 * 15))
+    picked = provider.gather(torch.tensor([0, 1, 1]), torch.tensor([3, 0, 14]))
+    assert picked.shape == (3, 3, 8, 8)
+    assert provider.blank(torch.tensor([0, 1])).shape == (2, 3, 8, 8)

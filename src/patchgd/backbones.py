@@ -32,9 +32,13 @@ def in_backbone_layout(images: Tensor, channels_last: ChannelsLast) -> Tensor:
     their device. The values are unchanged; a convolution given channels-last input runs its
     channels-last kernels, and its output, and so every later layer, stays channels-last."""
     wanted = images.device.type == "cpu" if channels_last is None else channels_last
-    if wanted and images.dim() == 4:
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
+    if not wanted or images.dim() != 4:
+        return images
+    if images.shape[1] == 1 and images.stride(1) != 1:
+        # One channel is channels-last contiguous already, so .contiguous() would keep the
+        # strides by which a convolution picks its layout: restride it (a copy).
+        return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def fan_out_init(layer: nn.Linear) -> None:

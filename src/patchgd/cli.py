@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in ("fit", "validate", "test", "predict"):
-            from .app.cli import run_lightning
+            from .app.lightning_cli import run_lightning
 
             run_lightning(argv)
         else:

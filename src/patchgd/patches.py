@@ -3,7 +3,7 @@
 The engine never needs a whole image at once. It asks for every patch once, in chunks, to fill
 Z, and then for a few sampled patches per inner iteration. :class:`PatchProvider` is that
 interface. :class:`TensorPatches` serves an in-memory ``(B, C, H, W)`` batch; the data layer
-serves images read region by region from disk (``patchgd.data.patches.SourcePatches``).
+serves images read region by region from disk (``patchgd.data.source_patches.SourcePatches``).
 """
 
 from __future__ import annotations
@@ -96,6 +96,34 @@ class TensorPatches:
         _, c, _, _, p, _ = self.view.shape
         fill = self.grid.pad_colour(c, self.view.dtype, self.view.device)
         return fill.expand(len(image_index), c, p, p).clone()
+
+
+class RandomPatches:
+    """Random patches made on demand, for ``batch`` images on ``grid``: what a lazily read batch
+    costs in memory (no pixels held between reads) without reading anything. The memory
+    planner's trial steps for lazy data run on it."""
+
+    def __init__(self, batch: int, grid: PatchGrid, in_chans: int, device: torch.device) -> None:
+        self.grid, self.in_chans, self.device, self._batch = grid, in_chans, device, batch
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    def _patches(self, n: int) -> Tensor:
+        p = self.grid.patch_size
+        return torch.randn(n, self.in_chans, p, p, device=self.device)
+
+    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
+        return self._patches(len(flat_index))
+
+    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        wanted = self._batch * self.grid.num_patches if ids is None else ids
+        for part in balanced_chunks(wanted, chunk, self.device):
+            yield part, self._patches(len(part))
+
+    def blank(self, image_index: Tensor) -> Tensor:
+        return self._patches(len(image_index))
 
 
 def extents_of(patches: PatchProvider) -> Tensor | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
@@ -29,10 +29,9 @@ from torch import Tensor
 
 from .algorithm import deprecated_alias
 from .errors import ConfigError
-from .grid import PatchGrid
 from .memory import MemoryReport, live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
-from .patches import balanced_chunks
+from .patches import RandomPatches
 
 _UNITS = {
     "": 1,
@@ -110,32 +109,6 @@ class MemoryPlan:
 Plan = BaselinePlan = MemoryPlan
 
 
-class _RandomPatches:
-    """Random patches made on demand: the memory profile of images read lazily from disk."""
-
-    def __init__(self, batch: int, grid: PatchGrid, in_chans: int, device: torch.device) -> None:
-        self.grid, self.in_chans, self.device, self._batch = grid, in_chans, device, batch
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch
-
-    def _patches(self, n: int) -> Tensor:
-        p = self.grid.patch_size
-        return torch.randn(n, self.in_chans, p, p, device=self.device)
-
-    def gather(self, image_index: Tensor, flat_index: Tensor) -> Tensor:
-        return self._patches(len(flat_index))
-
-    def chunks(self, chunk: int, ids: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        wanted = self._batch * self.grid.num_patches if ids is None else ids
-        for part in balanced_chunks(wanted, chunk, self.device):
-            yield part, self._patches(len(part))
-
-    def blank(self, image_index: Tensor) -> Tensor:
-        return self._patches(len(image_index))
-
-
 def measure_training_step(
     model: Any, images: Any, targets: Tensor, device: str | torch.device = "cpu"
 ) -> tuple[int, MemoryReport]:
@@ -170,7 +143,7 @@ def _measure_step(
 ) -> tuple[int, MemoryReport]:
     """:func:`measure_training_step` on random images (or random patches, ``lazy``)."""
     if lazy:
-        images: Any = _RandomPatches(batch, model.grid, in_chans, device)
+        images: Any = RandomPatches(batch, model.grid, in_chans, device)
     else:
         images = torch.randn(batch, in_chans, *size, device=device)
     targets = torch.arange(batch, device=device) % model.num_classes

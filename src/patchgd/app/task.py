@@ -30,13 +30,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 
 from ..algorithm import StepHooks, StepResult
 from ..data.lazy import LazyImage, on_canvas
-from ..data.patches import LazyBatch
+from ..data.source_patches import LazyBatch
 from ..errors import ConfigError, DataError, DivergedError
 from ..memory import live_training_bytes, measure
 from ..model import Classifier
 from ..planner import ClassifierPlan, cap_cuda_memory
 from ..schedule import warmup_then_linear_decay
-from .data import KeyedBatch, PredictBatch
+from .datamodules import KeyedBatch, PredictBatch
 
 logger = logging.getLogger("patchgd.data")  # skipped images, as the data modules report them
 

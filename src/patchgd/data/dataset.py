@@ -53,6 +53,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from patchgd.data.lazy import LazyImage
+from patchgd.data.normalisation import ChannelNorm
 from patchgd.data.sources import ImageSource, open_image
 from patchgd.data.table import ImageTable, SkippedItem, TableItem, _check_on_error
 from patchgd.errors import ConfigError, DataError, PatchGDError
@@ -394,11 +395,7 @@ class LargeImageDataset(Dataset):
             return lazy, item.label
         pixels = self.read_resized(index)
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        if self._mean is not None or self._std is not None:
-            mean = torch.tensor(self._mean or (0.0,), dtype=torch.float32).reshape(-1, 1, 1)
-            std = torch.tensor(self._std or (1.0,), dtype=torch.float32).reshape(-1, 1, 1)
-            tensor.sub_(mean).div_(std)
-        return tensor, item.label
+        return ChannelNorm(self._mean, self._std)(tensor, in_place=True), item.label
 
     def __repr__(self) -> str:
         return (
