@@ -22,8 +22,9 @@ Pretrained = str | Path | bool | None
 LinearInit = Literal["default", "fan_out"]
 #: The memory format a backbone's convolutions run in: ``True`` channels-last on every device,
 #: ``False`` as the images come (contiguous), ``None`` channels-last on the CPU only. On the CPU
-#: (oneDNN) channels-last trained ResNet50, ResNet18, EfficientNet-B0 and MobileNetV3 1.04–1.57×
-#: as fast in fp32 (docs/benchmarks.md, "One training step"); on GPUs it is unmeasured here.
+#: (oneDNN) channels-last trained every backbone measured (ResNet18/50, EfficientNet-B0,
+#: MobileNetV2/V3) 1.04–1.76× as fast in fp32, PatchGD and GD alike (docs/benchmarks.md, "One
+#: training step"); on GPUs it is unmeasured here.
 ChannelsLast = bool | None
 
 

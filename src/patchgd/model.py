@@ -214,7 +214,7 @@ class PatchGDClassifier(Classifier):
         linear_init: how the encoder's projection to Z and the head's last linear layer start
             (:data:`~patchgd.backbones.LinearInit`).
         channels_last: the memory format the encoder runs in: by default channels-last on the
-            CPU, where it trained 1.04–1.57× as fast in fp32 (docs/benchmarks.md), and the
+            CPU, where it trained 1.04–1.46× as fast in fp32 (docs/benchmarks.md), and the
             images' own elsewhere; ``True``: channels-last everywhere, weights included;
             ``False``: the images' own (:data:`~patchgd.backbones.ChannelsLast`).
         compile_encoder: compile the patch encoder with ``torch.compile`` (in place, so the
