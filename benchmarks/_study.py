@@ -77,17 +77,16 @@ def backbone_name(method: str = "patchgd") -> str:
     return model_args(method)["backbone"]
 
 
-def patchgd_loop(p: Protocol, patch: int | None = None, loop: dict | None = None):
+def patchgd_loop(p: Protocol, loop: dict | None = None):
     """k, ζ and ε of the study's PatchGD config (or of ``loop``) on the protocol's grid."""
-    args = model_args("patchgd")
-    grid = PatchGrid(p.canvas, patch or p.patch)
-    return InnerLoopConfig(**(loop or args["loop"])).resolve(grid.num_patches)
+    loop = loop or model_args("patchgd")["loop"]
+    return InnerLoopConfig(**loop).resolve(PatchGrid(p.canvas, p.patch).num_patches)
 
 
 def patchgd_setting(p: Protocol) -> str:
     """PatchGD's settings in the study's config, in words, for the report's protocol table."""
     args = model_args("patchgd")
-    loop = patchgd_loop(p)
+    loop = patchgd_loop(p, args["loop"])
     head = HeadConfig(**args.get("head", {}))
     convolutions = head.stride1_layers + head.stride2_layers
     head_text = "linear head" if convolutions == 0 else f"head of {convolutions} convolutions"

@@ -33,13 +33,12 @@ def in_backbone_layout(images: Tensor, channels_last: ChannelsLast) -> Tensor:
     their device. The values are unchanged; a convolution given channels-last input runs its
     channels-last kernels, and its output, and so every later layer, stays channels-last."""
     wanted = images.device.type == "cpu" if channels_last is None else channels_last
-    if not wanted or images.dim() != 4:
-        return images
-    if images.shape[1] == 1 and images.stride(1) != 1:
-        # One channel is channels-last contiguous already, so .contiguous() would keep the
-        # strides by which a convolution picks its layout: restride it (a copy).
-        return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
-    return images.contiguous(memory_format=torch.channels_last)
+    if not wanted or images.dim() != 4 or images.stride(1) == 1:
+        return images  # channels-last already: the channels of a pixel lie side by side
+    # A copy with channels-last strides, which a convolution reads to pick its kernels.
+    # Not .contiguous(memory_format=...): it returns a one-channel batch as it is, since that
+    # counts as channels-last contiguous whatever its strides say.
+    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
 
 
 def fan_out_init(layer: nn.Linear) -> None:

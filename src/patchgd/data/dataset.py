@@ -235,6 +235,7 @@ class LargeImageDataset(Dataset):
         self._std = None if std is None else _per_channel("std", std, 0, math.inf)
         if self._std is not None and min(self._std) <= 0:
             raise ConfigError(f"std={std!r}: must be positive")
+        self._norm = ChannelNorm(self._mean, self._std)
         self.min_size = None if min_size is None else _positive("min_size", min_size)
         if mode == "resize" and self.min_size is not None and self.min_size > target_size:
             raise ConfigError(f"min_size={min_size} is larger than target_size={target_size}")
@@ -395,7 +396,7 @@ class LargeImageDataset(Dataset):
             return lazy, item.label
         pixels = self.read_resized(index)
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        return ChannelNorm(self._mean, self._std)(tensor, in_place=True), item.label
+        return self._norm(tensor, in_place=True), item.label
 
     def __repr__(self) -> str:
         return (
