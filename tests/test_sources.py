@@ -271,7 +271,7 @@ def test_choose_level_examples():
     sizes = [(1000, 1300), (500, 650), (250, 325)]
     expected = {1: 2, 325: 2, 326: 1, 650: 1, 651: 0, 1300: 0, 5000: 0}
     assert {target: choose_level(sizes, target) for target in expected} == expected
-    with pytest.raises(ConfigError, match="target_longest_side must be a positive integer"):
+    with pytest.raises(ConfigError, match="target_longest_side must be at least 1"):
         choose_level(sizes, 0)
     with pytest.raises(ConfigError, match="at least one level"):
         choose_level([], 10)
@@ -460,7 +460,7 @@ def test_bad_read_arguments_are_config_errors(pyramid):
         source.read_region(0, 0, 4, 4, fill=300)
     with pytest.raises(ConfigError, match="height must be >= 0, got -1"):
         source.read_region(0, 0, -1, 4)
-    with pytest.raises(ConfigError, match="max_side must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match="max_side must be at least 1, got 0"):
         source.thumbnail(0)
     source.close()
     with pytest.raises(DataError, match="closed"):

@@ -176,7 +176,7 @@ def test_csv_problems(tmp_path):
     nothing_usable = write_csv(tmp_path / "bad.csv", "image_id,label\nzzz,1\n")
     with pytest.raises(DataError, match=r"none of the 1 rows is usable; first problem: .*zzz"):
         read_table(nothing_usable)
-    with pytest.raises(ConfigError, match="num_classes=0"):
+    with pytest.raises(ConfigError, match="num_classes must be at least 1, got 0"):
         read_table(columns, num_classes=0)
 
 
@@ -216,7 +216,7 @@ def test_stratified_folds(tmp_path):
         table.fold(0)
     with pytest.raises(ConfigError, match="fold 7 is not a fold"):
         folded.fold(7)
-    with pytest.raises(ConfigError, match="num_folds=1"):
+    with pytest.raises(ConfigError, match="num_folds must be at least 2, got 1"):
         stratified_folds(table, k=1)
     with pytest.raises(ConfigError, match="need at least 5 images"):
         stratified_folds(make_table({0: 2, 1: 2}), k=5)

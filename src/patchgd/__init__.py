@@ -27,6 +27,7 @@ _EXPORTS = {
         "accumulation_groups",
         "fill_mode",
         "fill_z",
+        "gd_train_step",
         "infer",
         "train_step",
     ],
@@ -35,7 +36,6 @@ _EXPORTS = {
         "DownscaledGDClassifier",
         "GDClassifier",
         "GDExtendedClassifier",
-        "gd_train_step",
     ],
     "encoder": ["PatchEncoder"],
     "grid": ["PatchGrid"],
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         accumulation_groups,
         fill_mode,
         fill_z,
+        gd_train_step,
         infer,
         train_step,
     )
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
         DownscaledGDClassifier,
         GDClassifier,
         GDExtendedClassifier,
-        gd_train_step,
     )
     from .encoder import PatchEncoder
     from .grid import PatchGrid

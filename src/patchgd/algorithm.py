@@ -543,6 +543,41 @@ def valid_positions(
     return candidates.to(device=device, dtype=torch.bool).reshape(-1, *grid.shape)
 
 
+def gd_train_step(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    hooks: StepHooks | None = None,
+    micro_batch: int | None = None,
+) -> StepResult:
+    """Plain gradient descent: forward the batch, backward, one optimizer step.
+
+    With ``micro_batch``, the batch goes through in slices of at most that many images, each
+    loss weighted by its share of the batch, so that with a mean-reduced ``loss_fn`` the
+    accumulated gradient and the reported loss are the whole batch's (gradient accumulation).
+    """
+    hooks = hooks or StepHooks()
+    optimizer.zero_grad(set_to_none=True)
+    size = len(images)
+    step = micro_batch or size
+    slices = list(zip(images.split(step), targets.split(step), strict=True))
+    total, logits = 0.0, []
+    for i, (part, part_targets) in enumerate(slices):
+        with hooks.grad_sync(i == len(slices) - 1):
+            with hooks.autocast():
+                out = model(part)
+                loss = loss_fn(out, part_targets) * (len(part) / size)
+            hooks.backward(loss)
+        total += float(loss.detach())
+        logits.append(out.detach())
+    (hooks.optimizer_step or plain_optimizer_step(optimizer))()
+    torch.clear_autocast_cache()  # an enclosing autocast region would keep the old weights' copies
+    return StepResult(losses=[total], logits=torch.cat(logits), optimizer_steps=1, plan=[])
+
+
 def plain_optimizer_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """The default optimizer step: ``optimizer.step()`` then ``zero_grad(set_to_none=True)``."""
 

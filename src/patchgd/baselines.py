@@ -8,19 +8,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .algorithm import StepHooks, StepResult, plain_optimizer_step
+from .algorithm import gd_train_step  # noqa: F401 - public here too, beside the baselines
 from .backbones import ChannelsLast, Pretrained, create_backbone, in_backbone_layout
 from .errors import ConfigError, from_data, require_count
 from .grid import as_pair
 from .head import HeadConfig
-from .model import Classifier, LossFn
+from .model import Classifier
 
 
 class GDClassifier(Classifier):
@@ -103,28 +102,6 @@ class GDClassifier(Classifier):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(in_backbone_layout(images, self.channels_last))
 
-    def training_step(
-        self,
-        images: Tensor,
-        targets: Tensor,
-        optimizer: torch.optim.Optimizer,
-        *,
-        loss_fn: LossFn = F.cross_entropy,
-        hooks: StepHooks | None = None,
-        keys: Sequence[Hashable] | None = None,
-    ) -> StepResult:
-        """One gradient-descent step on the batch, with the same hooks as PatchGD's step.
-        ``keys`` are ignored: GD keeps nothing per image."""
-        return gd_train_step(
-            self,
-            images,
-            targets,
-            optimizer,
-            loss_fn=loss_fn,
-            hooks=hooks,
-            micro_batch=self.micro_batch,
-        )
-
 
 class DownscaledGDClassifier(GDClassifier):
     """GD on images resized (antialiased bilinear) from ``image_size`` down to ``input_size``."""
@@ -158,6 +135,8 @@ class GDExtendedClassifier(GDClassifier):
 
     The feature map plays the role of Z: a 1×1 convolution maps its channels to ``latent_dim``
     and :class:`~patchgd.head.LatentHead` classifies it. ViT tokens are reshaped to their grid.
+    ``latent_dim`` and ``head`` are as PatchGD's; every other argument is
+    :class:`GDClassifier`'s.
     """
 
     def __init__(
@@ -168,35 +147,21 @@ class GDExtendedClassifier(GDClassifier):
         *,
         latent_dim: int = 256,
         head: HeadConfig | None = None,
-        in_chans: int = 3,
-        pretrained: Pretrained = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        freeze_bn: bool = False,
-        grad_checkpointing: bool = False,
-        micro_batch: int | None = None,
-        channels_last: ChannelsLast = None,
+        **kwargs: Any,
     ) -> None:
         require_count("latent_dim", latent_dim)
-        kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features, no classifier
+        backbone_kwargs = {**(backbone_kwargs or {}), "num_classes": 0}  # features only
         super().__init__(
-            backbone,
-            num_classes,
-            image_size,
-            in_chans=in_chans,
-            pretrained=pretrained,
-            backbone_kwargs=kwargs,
-            freeze_bn=freeze_bn,
-            grad_checkpointing=grad_checkpointing,
-            micro_batch=micro_batch,
-            channels_last=channels_last,
+            backbone, num_classes, image_size, backbone_kwargs=backbone_kwargs, **kwargs
         )
         with torch.device("meta"):  # the feature map's shape, without allocating anything
             probe = create_backbone(
-                backbone, image_size=self.input_size, in_chans=in_chans, **kwargs
+                backbone, image_size=self.input_size, in_chans=self.in_chans, **backbone_kwargs
             )
-            shape = _feature_map(probe, torch.empty(1, in_chans, *self.input_size)).shape
+            shape = _feature_map(probe, torch.empty(1, self.in_chans, *self.input_size)).shape
         self.proj = nn.Conv2d(shape[1], latent_dim, kernel_size=1)
-        self.head = (head or HeadConfig()).build(latent_dim, num_classes, (shape[2], shape[3]))
+        self.head = (head or HeadConfig()).build(latent_dim, self.num_classes, (shape[2], shape[3]))
 
     def head_module(self) -> nn.Module:
         return nn.ModuleList([self.proj, self.head])
@@ -227,38 +192,3 @@ def _feature_map(backbone: nn.Module, images: Tensor) -> Tensor:
         f"cannot read a spatial feature map from {type(backbone).__name__} "
         f"(forward_features gave shape {tuple(features.shape)}); GD-extended needs a CNN or ViT"
     )
-
-
-def gd_train_step(
-    model: nn.Module,
-    images: Tensor,
-    targets: Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    loss_fn: LossFn = F.cross_entropy,
-    hooks: StepHooks | None = None,
-    micro_batch: int | None = None,
-) -> StepResult:
-    """Plain gradient descent: forward the batch, backward, one optimizer step.
-
-    With ``micro_batch``, the batch goes through in slices of at most that many images, each
-    loss weighted by its share of the batch, so that with a mean-reduced ``loss_fn`` the
-    accumulated gradient and the reported loss are the whole batch's (gradient accumulation).
-    """
-    hooks = hooks or StepHooks()
-    optimizer.zero_grad(set_to_none=True)
-    size = len(images)
-    step = micro_batch or size
-    slices = list(zip(images.split(step), targets.split(step), strict=True))
-    total, logits = 0.0, []
-    for i, (part, part_targets) in enumerate(slices):
-        with hooks.grad_sync(i == len(slices) - 1):
-            with hooks.autocast():
-                out = model(part)
-                loss = loss_fn(out, part_targets) * (len(part) / size)
-            hooks.backward(loss)
-        total += float(loss.detach())
-        logits.append(out.detach())
-    (hooks.optimizer_step or plain_optimizer_step(optimizer))()
-    torch.clear_autocast_cache()  # an enclosing autocast region would keep the old weights' copies
-    return StepResult(losses=[total], logits=torch.cat(logits), optimizer_steps=1, plan=[])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,10 +24,18 @@ class DivergedError(PatchGDError, FloatingPointError):
     """Training produced non-finite gradients or weights; the message names the step."""
 
 
-def require_count(name: str, value: object) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is an int (not a bool) of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value!r}")
+def require_count(name: str, value: object, at_least: int = 1) -> int:
+    """``value`` as an int; :class:`ConfigError` unless it is a whole number (an int or a NumPy
+    integer, not a bool) of at least ``at_least``."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if number < at_least:
+        raise ConfigError(f"{name} must be at least {at_least}, got {value!r}")
+    return number
 
 
 def one_line(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -314,14 +315,4 @@ class HeadConfig:
     pool: Pool = "flatten"
 
     def build(self, latent_dim: int, num_classes: int, grid_shape: tuple[int, int]) -> LatentHead:
-        return LatentHead(
-            latent_dim,
-            num_classes,
-            grid_shape,
-            width=self.width,
-            stride1_layers=self.stride1_layers,
-            stride2_layers=self.stride2_layers,
-            dropout=self.dropout,
-            norm=self.norm,
-            pool=self.pool,
-        )
+        return LatentHead(latent_dim, num_classes, grid_shape, **dataclasses.asdict(self))

@@ -17,6 +17,7 @@ from .algorithm import (
     StepResult,
     check_fill_norm,
     fill_z,
+    gd_train_step,
     infer,
     keep_modes,
     valid_positions,
@@ -161,9 +162,19 @@ class Classifier(nn.Module):
         hooks: StepHooks | None = None,
         keys: Sequence[Hashable] | None = None,
     ) -> StepResult:
-        """One training step on a batch. ``keys`` name its images (e.g. their indices in the
-        data set), for models that keep state per image (PatchGD's Z reuse); others ignore them."""
-        raise NotImplementedError
+        """One training step on a batch: here plain gradient descent on the whole image
+        (:func:`~patchgd.algorithm.gd_train_step`, in ``micro_batch`` slices), which PatchGD
+        overrides. ``keys`` name the images (e.g. their indices in the data set), for models
+        that keep state per image (PatchGD's Z reuse); GD ignores them."""
+        return gd_train_step(
+            self,
+            images,
+            targets,
+            optimizer,
+            loss_fn=loss_fn,
+            hooks=hooks,
+            micro_batch=self.micro_batch,
+        )
 
     def recalibrate_batchnorm(self, batches: Sequence[Tensor]) -> None:
         """Set the running statistics of every trainable BatchNorm layer to those of ``batches``.

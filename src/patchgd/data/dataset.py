@@ -56,7 +56,7 @@ from patchgd.data.lazy import LazyImage
 from patchgd.data.normalisation import ChannelNorm
 from patchgd.data.sources import ImageSource, open_image
 from patchgd.data.table import ImageTable, SkippedItem, TableItem, _check_on_error
-from patchgd.errors import ConfigError, DataError, PatchGDError
+from patchgd.errors import ConfigError, DataError, PatchGDError, require_count
 
 __all__ = ["BAND_BYTES", "LargeImageDataset", "level_bands", "resized_bands", "resized_shape"]
 
@@ -148,16 +148,6 @@ def _per_channel(option: str, value: object, low: float, high: float) -> tuple[f
     return floats
 
 
-def _positive(option: str, value: object) -> int:
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        number = 0
-    if number < 1:
-        raise ConfigError(f"{option}={value!r}: must be a positive integer")
-    return number
-
-
 class LargeImageDataset(Dataset):
     """Images of an :class:`ImageTable`, resized to a square or handed out lazily.
 
@@ -207,7 +197,7 @@ class LargeImageDataset(Dataset):
             raise ConfigError(f"mode={mode!r}: expected 'resize' or 'lazy'")
         _check_on_error(on_error)
         if target_size is not None:
-            target_size = _positive("target_size", target_size)
+            target_size = require_count("target_size", target_size)
         if mode == "resize":
             if target_size is None:
                 raise ConfigError("target_size=None: mode='resize' needs a target_size")
@@ -236,12 +226,12 @@ class LargeImageDataset(Dataset):
         if self._std is not None and min(self._std) <= 0:
             raise ConfigError(f"std={std!r}: must be positive")
         self._norm = ChannelNorm(self._mean, self._std)
-        self.min_size = None if min_size is None else _positive("min_size", min_size)
+        self.min_size = None if min_size is None else require_count("min_size", min_size)
         if mode == "resize" and self.min_size is not None and self.min_size > target_size:
             raise ConfigError(f"min_size={min_size} is larger than target_size={target_size}")
-        canvas_multiple = _positive("canvas_multiple", canvas_multiple)
+        canvas_multiple = require_count("canvas_multiple", canvas_multiple)
         if canvas is not None:
-            canvas = (_positive("canvas", canvas[0]), _positive("canvas", canvas[1]))
+            canvas = (require_count("canvas", canvas[0]), require_count("canvas", canvas[1]))
             if canvas[0] % canvas_multiple or canvas[1] % canvas_multiple:
                 raise ConfigError(
                     f"canvas={canvas} is not a multiple of canvas_multiple={canvas_multiple}"

@@ -37,7 +37,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from patchgd.errors import ConfigError, DataError
+from patchgd.errors import ConfigError, DataError, require_count
 
 __all__ = [
     "ArraySource",
@@ -101,22 +101,12 @@ def choose_level(level_sizes: Sequence[tuple[int, int]], target_longest_side: in
     """
     if len(level_sizes) == 0:
         raise ConfigError("choose_level needs at least one level size, got none")
-    target = _positive_int("target_longest_side", target_longest_side)
+    target = require_count("target_longest_side", target_longest_side)
     longest = [max(int(h), int(w)) for h, w in level_sizes]
     large_enough = [i for i, side in enumerate(longest) if side >= target]
     if not large_enough:
         return max(range(len(longest)), key=longest.__getitem__)
     return min(large_enough, key=lambda i: (longest[i], i))
-
-
-def _positive_int(name: str, value: Any) -> int:
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = 0
-    if number < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return number
 
 
 def _one_line(exc: BaseException) -> str:
@@ -237,7 +227,7 @@ class _Source:
         Read from the smallest level that is at least ``max_side`` long, in bands, so memory
         stays bounded even when only a huge level exists.
         """
-        max_side = _positive_int("max_side", max_side)
+        max_side = require_count("max_side", max_side)
         level = choose_level(self.level_sizes, max_side)
         height, width = self.level_sizes[level]
         factor = math.ceil(max(height, width) / max_side)

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import logging
 import math
-import operator
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from patchgd.errors import ConfigError, DataError
+from patchgd.errors import ConfigError, DataError, require_count
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -283,12 +282,7 @@ def read_table(
             )
         num_classes = len(classes)
     if num_classes is not None:
-        try:
-            ok = operator.index(num_classes) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"num_classes={num_classes!r}: must be a positive integer")
+        require_count("num_classes", num_classes)
     if isinstance(extensions, str):
         raise ConfigError(f"extensions={extensions!r}: give a sequence such as ('.png', '.tif')")
 
@@ -391,12 +385,7 @@ def stratified_folds(table: ImageTable, k: int = 5, seed: int = 0) -> ImageTable
     ``n // k`` or ``n // k + 1`` items of each class (every class is in every fold when it has at
     least ``k`` items) and fold sizes differ by at most one. Existing folds are replaced.
     """
-    try:
-        k_ok = operator.index(k) >= 2
-    except TypeError:
-        k_ok = False
-    if not k_ok:
-        raise ConfigError(f"num_folds={k!r}: need an integer number of folds >= 2")
+    require_count("num_folds", k, at_least=2)
     if len(table.items) < k:
         raise ConfigError(f"k={k} folds need at least {k} images; the table has {len(table)}")
     rng = np.random.default_rng(seed)
