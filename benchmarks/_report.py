@@ -14,7 +14,8 @@ import platform
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,89 @@ def fill_chunk(args: argparse.Namespace) -> str:
         largest = PatchEncoder(name, args.patch_size).largest_activation()
         chunks.append(f"{default_fill_chunk(largest, args.device)} patches for {name}")
     return ", ".join(chunks)
+
+
+def run_lines(device: str = "cpu", argv: Sequence[str] | None = None) -> str:
+    """What every section opens with: the command, the machine, the speed-relevant settings."""
+    return "\n".join(
+        [f"Command: `{command_line(argv)}`", "", machine_line(device), environment_line()]
+    )
+
+
+def environment_line() -> str:
+    """Environment variables that change CPU speed (threads, spinning, allocator), if set."""
+    keys = sorted(
+        k
+        for k in os.environ
+        if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_", "DNNL_", "ONEDNN_"))
+        or k == "LD_PRELOAD"
+    )
+    if not keys:
+        return "- environment: no OMP_*, MALLOC_* or LD_PRELOAD settings (glibc malloc defaults)"
+    return "- environment: " + ", ".join(f"`{k}={os.environ[k]}`" for k in keys)
+
+
+def publish(
+    args: argparse.Namespace,
+    section: str,
+    markdown: str,
+    figure: Callable[[], object] | None = None,
+    figure_name: str | None = None,
+    default: Path = PAGE,
+) -> None:
+    """Print a section; on a full run (or with ``--page``) write it, with the figure that
+    ``figure()`` draws saved as ``figure_name.png`` beside the page and shown under it."""
+    print(markdown)
+    page = output_page(args, default)
+    if page is None:
+        return
+    page.parent.mkdir(parents=True, exist_ok=True)
+    if figure is not None:
+        path = save_figure(figure(), figure_name or section, page)
+        markdown = markdown.rstrip("\n") + f"\n\n![{section}]({path.name})\n"
+    write_section(section, markdown, page)
+
+
+@dataclass
+class Panel:
+    """One plot: lines ``(label, xs, ys, matplotlib format)``, dotted reference lines at
+    ``(y, label)`` and ``(x, label)``; x on a log-2 axis ticked at the lines' x values unless
+    ``log2_x`` is off."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: list[tuple[str, Sequence[float], Sequence[float], str]] = field(default_factory=list)
+    references: list[tuple[float, str]] = field(default_factory=list)
+    x_references: list[tuple[float, str]] = field(default_factory=list)
+    log2_x: bool = True
+    log_y: bool = False
+
+
+def draw(panels: Sequence[Panel], width: float = 5.0, height: float = 4.0) -> object:
+    """The panels side by side, as one matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for label, xs, ys, fmt in panel.lines:
+            ax.plot(xs, ys, fmt, label=label)
+        for y, label in panel.references:
+            ax.axhline(y, color="grey", lw=1, ls=":", label=label or None)
+        for x, label in panel.x_references:
+            ax.axvline(x, color="grey", lw=1, ls=":", label=label or None)
+        if panel.log2_x:
+            ticks = sorted({x for _, xs, _, _ in panel.lines for x in xs})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -3,7 +3,7 @@ forward calls, and the report's environment line and number format."""
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -98,19 +98,6 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def environment_line() -> str:
-    """Environment variables that change CPU speed (threads, spinning, allocator), if set."""
-    keys = sorted(
-        k
-        for k in os.environ
-        if k.startswith(("OMP_", "MKL_", "KMP_", "MALLOC_", "DNNL_", "ONEDNN_"))
-        or k == "LD_PRELOAD"
-    )
-    if not keys:
-        return "- environment: no OMP_*, MALLOC_* or LD_PRELOAD settings (glibc malloc defaults)"
-    return "- environment: " + ", ".join(f"`{k}={os.environ[k]}`" for k in keys)
-
-
 def num(x: float | None) -> str:
     """About three significant digits, without scientific notation for the usual ranges."""
     if x is None:
@@ -122,3 +109,48 @@ def num(x: float | None) -> str:
     if x >= 1:
         return f"{x:.2f}"
     return f"{x:.3g}"
+
+
+def add_speed_options(
+    parser: argparse.ArgumentParser, batch: int, repeats: int, quick_repeats: int
+) -> None:
+    """The options of the scripts that time PatchGD against GD model by model."""
+    parser.add_argument("--backbone", nargs="+", help="timm names (default resnet50)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="image sides in px")
+    parser.add_argument("--patch-size", type=int, help="patch side (default 256; quick 128)")
+    parser.add_argument("--batch", type=int, default=batch, help=f"images (default {batch})")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed calls per model (default {repeats}; --quick {quick_repeats})",
+    )
+    parser.add_argument(
+        "--fill-chunk",
+        type=int,
+        help="patches per encoder call in the Z-fill (default: the library's for the device)",
+    )
+    parser.add_argument("--latent-dim", type=int, default=256)
+    parser.add_argument(
+        "--channels-last", action="store_true", help="both models and the batch in channels-last"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's; quick: 1, steady on a busy machine)",
+    )
+
+
+def speed_defaults(
+    args: argparse.Namespace, sizes: list[int], repeats: int, quick_repeats: int
+) -> argparse.Namespace:
+    """Fill in what :func:`add_speed_options` left unset; ``--quick``: MobileNetV2, 256 and
+    512 px, 128 px patches, one thread. Sets torch's threads."""
+    quick = args.quick
+    args.backbone = args.backbone or (["mobilenetv2_100"] if quick else ["resnet50"])
+    args.sizes = sorted(args.sizes or ([256, 512] if quick else sizes))
+    args.patch_size = args.patch_size or (128 if quick else 256)
+    args.threads = args.threads or (1 if quick else None)
+    args.repeats = args.repeats or (quick_repeats if quick else repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

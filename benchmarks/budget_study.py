@@ -30,30 +30,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
+from _report import (
     DOCS,
     add_common_options,
-    command_line,
-    machine_line,
     markdown_table,
     mean_sd,
     output_page,
+    run_lines,
     save_figure,
     write_section,
 )
+from torch.utils.data import DataLoader
 
-from patchgd.data.finedetail import FineDetail  # noqa: E402
-from patchgd.demo import (  # noqa: E402
+from patchgd.data.finedetail import FineDetail
+from patchgd.demo import (
     DemoConfig,
     DemoResult,
     evaluate,
@@ -168,8 +162,7 @@ def main() -> None:
             )
         text = "\n\n".join(
             [
-                f"Command: `{command_line()}`",
-                machine_line(),
+                run_lines(),
                 f"### {setting.canvas} px under {setting.budget} (FineDetail, "
                 f"`{base.backbone}`, patch {base.patch_size}, {4 * base.per_class_train} "
                 f"training images, {base.epochs} epochs unless named, Adam {base.lr:g}"

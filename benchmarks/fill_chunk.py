@@ -15,26 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
+from _report import Panel, add_common_options, draw, markdown_table, publish, run_lines
+from _timing import interleaved, num, progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
-    add_common_options,
-    command_line,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
-)
-from _timing import environment_line, interleaved, num, progress  # noqa: E402
-
-from patchgd import PatchGDClassifier, fill_z  # noqa: E402
-from patchgd.model import DEFAULT_FILL_ACTIVATION, default_fill_chunk  # noqa: E402
+from patchgd import PatchGDClassifier, fill_z
+from patchgd.model import DEFAULT_FILL_ACTIVATION, default_fill_chunk
 
 SECTION, FIGURE = "fill-chunk", "fill_chunk"
 CLASSES, LATENT = 4, 64
@@ -115,56 +102,32 @@ def main() -> None:
         ],
         rows,
     )
-    print(table)
-    page = output_page(args)
-    if page is None:
-        return
     text = "\n".join(
         [
-            f"Command: `{command_line()}`",
-            "",
-            machine_line(args.device),
-            environment_line(),
+            run_lines(args.device),
             "",
             f"### The fill alone, images per second, by the size of each encoder call's largest "
             f"activation ({args.image} px, batch {args.batch}, training mode, median of "
             f"{args.repeats} interleaved repeats)",
             "",
-            "Each column sizes the calls so that the backbone's largest layer output holds that "
-            "much fp32 (in brackets: the pixels of patches per call; a call never holds more "
-            f"than the batch, {args.batch * args.image**2 / 2**10:,.0f}k px). The library's "
-            f"default on {device.type} is {budget_label(default)}. *default / best*: the "
-            "default column's speed over the row's fastest.",
+            "In brackets: the pixels of patches per call (a call never holds more than the "
+            f"batch, {args.batch * args.image**2 / 2**10:,.0f}k px). The library's default on "
+            f"{device.type} is {budget_label(default)}.",
             "",
             table,
         ]
     )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        1, len(args.patches), figsize=(4.5 * len(args.patches), 3.6), squeeze=False
-    )
-    for ax, patch in zip(axes[0], args.patches, strict=True):
+    panels = []
+    for patch in args.patches:
+        title = f"patch {patch} px, {args.image} px images, {args.device}"
+        panel = Panel(title, "largest activation per call, MiB (fp32)", "fill speed / best")
+        panel.x_references = [(default * 4 / 2**20, "default")]
         for backbone in args.backbones:
             rates = curves[(backbone, patch)]
-            best = max(rates.values())
-            ax.plot(
-                [b * 4 / 2**20 for b in budgets],
-                [rates[b] / best for b in budgets],
-                marker="o",
-                label=backbone,
-            )
-        ax.axvline(default * 4 / 2**20, color="gray", linestyle=":", label="default")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("largest activation per call, MiB (fp32)")
-        ax.set_ylabel("fill speed / the row's best")
-        ax.set_title(f"patch {patch} px, {args.image} px images, {args.device}")
-        ax.legend(fontsize=7)
-    figure = save_figure(fig, FIGURE, page)
-    write_section(SECTION, text + f"\n\n![fill speed by call size]({figure.name})", page)
+            speeds = [rates[b] / max(rates.values()) for b in budgets]
+            panel.lines.append((backbone, [b * 4 / 2**20 for b in budgets], speeds, "o-"))
+        panels.append(panel)
+    publish(args, SECTION, text, lambda: draw(panels, 4.5, 3.6), FIGURE)
 
 
 if __name__ == "__main__":

@@ -20,36 +20,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _report import DOCS, Panel, add_common_options, draw, markdown_table, publish, run_lines
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
-    DOCS,
-    add_common_options,
-    command_line,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
-)
-
-from patchgd import (  # noqa: E402
+from patchgd import (
     DownscaledGDClassifier,
     GDClassifier,
     HeadConfig,
     InnerLoopConfig,
     PatchGDClassifier,
 )
-from patchgd.data.finedetail import FineDetail, FineDetailConfig, texture_residue  # noqa: E402
-from patchgd.demo import calibration_batches, evaluate, materialise, train_epoch  # noqa: E402
-from patchgd.model import Classifier  # noqa: E402
+from patchgd.data.finedetail import FineDetail, FineDetailConfig, texture_residue
+from patchgd.demo import calibration_batches, evaluate, materialise, train_epoch
+from patchgd.model import Classifier
 
 
 def _train(
@@ -87,7 +73,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
     args = parser.parse_args()
-    page = output_page(args, DOCS / "finedetail.md")
 
     canvas = 192 if args.quick else 512
     per_class, val_per_class, epochs = (2, 1, 1) if args.quick else (100, 25, 4)
@@ -173,8 +158,7 @@ def main() -> None:
 
     text = "\n\n".join(
         [
-            f"Command: `{command_line()}`",
-            machine_line(),
+            run_lines(),
             f"### Texture residue after resizing a {residue_canvas.canvas_size} px canvas "
             f"({residue_canvas.object_size} px objects)",
             "Largest trace of any texture left in a downscaled textured object, as % of the "
@@ -201,24 +185,20 @@ def main() -> None:
             ),
         ]
     )
-    if page is None:
-        print(text)
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(sizes, [float(r[2]) for r in residue_rows], "o-", label="antialiased bilinear")
-    ax.plot(sizes, [float(r[3]) for r in residue_rows], "s--", label="area")
-    ax.set_xlabel("input side after resizing (px)")
-    ax.set_ylabel("texture left (% of amplitude)")
-    ax.set_title(f"FineDetail: evidence left after downscaling {residue_canvas.canvas_size} px")
-    ax.legend()
-    figure = save_figure(fig, "finedetail_residue", page)
-    text += f"\n\n![texture residue against input size]({figure.name})"
-    write_section("finedetail", text, page)
+    title = f"FineDetail: evidence left after downscaling {residue_canvas.canvas_size} px"
+    panel = Panel(title, "input side after resizing (px)", "texture left (% of amplitude)")
+    panel.lines = [
+        ("antialiased bilinear", sizes, [float(r[2]) for r in residue_rows], "o-"),
+        ("area", sizes, [float(r[3]) for r in residue_rows], "s--"),
+    ]
+    publish(
+        args,
+        "finedetail",
+        text,
+        lambda: draw([panel], 6, 3.5),
+        "finedetail_residue",
+        DOCS / "finedetail.md",
+    )
 
 
 if __name__ == "__main__":

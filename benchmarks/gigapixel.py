@@ -36,16 +36,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
+from _report import (
     ROOT,
     add_common_options,
-    command_line,
-    machine_line,
     markdown_table,
     output_page,
+    run_lines,
     write_section,
 )
 
@@ -301,8 +297,7 @@ def main() -> None:
     ]
     text = "\n\n".join(
         [
-            f"Command: `{command_line()}`",
-            machine_line(),
+            run_lines(),
             "\n".join(slide_lines),
             f"`configs/folder/patchgd_slides.yaml` with `{args.backbone}`, a batch of one slide, "
             f"{steps} optimizer steps, no validation; then `predict` with heatmaps on both "

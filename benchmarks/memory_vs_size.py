@@ -1,22 +1,12 @@
 """Peak training-step memory against image size: GD against PatchGD, batch of one image.
 
-For every backbone, method and image side, one Adam training step runs in a fresh subprocess of
-this script under :func:`patchgd.planner.measure_training_step` (a steady step: Adam's state
-already live). Its peak is weights + batch + Adam state + the step's peak of live tensor bytes,
-the planner's definition; the process's peak RSS and the step's time are shown beside it. Methods:
-
-- GD: the backbone on the whole image (``GDClassifier``), the image a float32 tensor;
-- PatchGD, image in memory: ``PatchGDClassifier`` on the same float32 tensor;
-- PatchGD, from TIFF: the same model reading its patches from a tiled TIFF (``SourcePatches``),
-  so the image is never in memory; it also runs at sizes beyond the common ones.
-
-GD sizes predicted not to fit ``--max-gd-gib`` are not run: the table shows a prediction from a
-straight line in pixels through the two largest measured GD sizes, labelled as such.
+Each backbone × method × side is one steady Adam step in a fresh subprocess of this script,
+measured as the planner does (:func:`patchgd.planner.measure_training_step`); the methods, the
+columns and the prediction for GD sizes left out are described in docs/benchmarks.md.
 
     python benchmarks/memory_vs_size.py            # 512 to 8192 px (TIFF to 16384), ResNet50
                                                    # and MobileNetV2; writes docs/benchmarks.md
     python benchmarks/memory_vs_size.py --quick    # MobileNetV2, 256 and 512 px: a smoke run
-    python benchmarks/memory_vs_size.py --quick --page /tmp/bench/benchmarks.md
 """
 
 from __future__ import annotations
@@ -31,19 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import (  # noqa: E402
+from _report import (
     add_common_options,
-    command_line,
-    machine_line,
     markdown_table,
     mib,
-    output_page,
+    publish,
     ram_gib,
-    save_figure,
-    write_section,
+    run_lines,
 )
-from read_memory import write_tiff  # noqa: E402
+from read_memory import write_tiff
 
 SECTION = "memory"
 FIGURE = "memory_vs_size"
@@ -388,66 +374,20 @@ def figure(rows: list[Row], args: argparse.Namespace) -> Any:
     return fig
 
 
-def report(args: argparse.Namespace, rows: list[Row], figure_name: str | None) -> str:
+def report(args: argparse.Namespace, rows: list[Row]) -> str:
     heads = sorted(
         {(r.size, r.result["head_bytes"]) for r in rows if r.result and r.result["head_bytes"]}
     )
-    head_text = ", ".join(f"{mib(b)} MiB at {s} px" for s, b in heads) or "n/a"
-    device = (
-        "CUDA: `max_memory_allocated`"
-        if args.device.startswith("cuda")
-        else ("on the CPU a dispatch mode counts every tensor storage while it is alive")
+    settings = (
+        f"Settings: patch {args.patch} px, latent_dim {args.latent_dim}, k = {args.k}, "
+        f"ζ = ε = {args.inner_iterations}, fill chunk {args.fill_chunk}, head "
+        f"{args.head_pool} pooling with {args.head_norm} norm (parameters: "
+        + (", ".join(f"{mib(b)} MiB at {s} px" for s, b in heads) or "n/a")
+        + f"); TIFF {args.tile} px tiles, {args.compression or 'no'} compression; "
+        f"GD run only where predicted under {args.max_gd_gib:g} GiB."
     )
-    patch_desc = (
-        f"patch {args.patch} px, latent_dim {args.latent_dim}, k = {args.k} patches per inner "
-        f"iteration (a count, so it does not grow with the grid), "
-        f"ζ = {args.inner_iterations} inner iterations and ε = ζ (one optimizer step), "
-        f"fill chunk {args.fill_chunk} patches"
-    )
-    lines = [
-        "## Peak training-step memory against image size",
-        "",
-        "`benchmarks/memory_vs_size.py` measures a steady Adam training step (the optimizer "
-        "state already created) on a batch of one image "
-        f"(3 channels, {NUM_CLASSES} classes, random init) at each image side, each in a fresh "
-        "process, for GD and PatchGD.",
-        "",
-        "- **Peak** = weights + the batch + Adam's state (all live before the step) + the "
-        f"step's peak of live tensor bytes from `patchgd.memory.measure` ({device}); the "
-        "step's part includes the gradients. This is `patchgd.planner`'s definition. "
-        "**Peak RSS** is the process's resident peak during the step: torch, libraries and "
-        "allocator slack included.",
-        f"- GD: the backbone on the whole image (`GDClassifier`), a float32 tensor "
-        f"(side² × {IN_CHANS} × 4 bytes in the batch column).",
-        "- PatchGD, image in memory: `PatchGDClassifier` on the same float32 tensor. "
-        "PatchGD, from TIFF: the same model reading its patches through `SourcePatches` "
-        f"(main process, no DataLoader workers) from a tiled TIFF ({args.tile} px tiles, "
-        f"{args.compression or 'no'} compression) written before the run, so the image is "
-        "never in memory and the batch is 0 bytes.",
-        f"- PatchGD settings: {patch_desc}. The peak does not depend on ζ, only the time does.",
-        f"- PatchGD head: the paper's ({args.head_pool} pooling; one stride-1 and three stride-2 "
-        f"3×3 convolutions of 256 channels, then linear) with {args.head_norm} normalisation: "
-        "BatchNorm cannot train on one image whose grid the head reduces to 1×1 (up to "
-        f"{8 * args.patch} px with {args.patch} px patches). Its linear layer grows with the "
-        f"grid; head parameters: {head_text}.",
-        f"- GD runs only where a straight line in pixels through its two largest measured sizes "
-        f"predicts a peak and RSS under {args.max_gd_gib:g} GiB (`--max-gd-gib`); larger sizes "
-        "show that line's value in italics, **a prediction, not a measurement**.",
-        "- Step time: wall time of the measured step with the optimizer-state set-up before "
-        "it (the first forward, so it includes one-time setup; on the CPU the counting dispatch "
-        "mode adds some overhead).",
-        "",
-        f"`{command_line()}`",
-        "",
-        machine_line(args.device),
-        "",
-        table(rows, args.patch),
-        "",
-        *target_checks(args, rows),
-    ]
-    if figure_name:
-        lines += ["", f"![peak memory against image size]({figure_name})"]
-    return "\n".join(lines) + "\n"
+    lines = [run_lines(args.device), "", settings, "", table(rows, args.patch), ""]
+    return "\n".join(lines + target_checks(args, rows)) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -530,15 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(args, spec_base)
     log(f"all runs: {time.perf_counter() - start:.0f} s")
 
-    page = output_page(args)
-    markdown = report(args, rows, f"{FIGURE}.png" if page else None)
-    print(markdown)
-    if page is not None:
-        page.parent.mkdir(parents=True, exist_ok=True)
-        fig = figure(rows, args)
-        save_figure(fig, FIGURE, page)
-        write_section(SECTION, markdown, page)
-        log(f"wrote the '{SECTION}' section of {page} and {page.parent / (FIGURE + '.png')}")
+    publish(args, SECTION, report(args, rows), lambda: figure(rows, args), FIGURE)
     failed = [r for r in rows if r.note.startswith("failed")]
     return 1 if failed else 0
 

@@ -21,32 +21,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
+from _report import (
     DOCS,
+    Panel,
     add_common_options,
-    command_line,
-    machine_line,
+    draw,
     markdown_table,
     mean_sd,
-    output_page,
-    save_figure,
-    write_section,
+    publish,
+    run_lines,
 )
+from torch.utils.data import DataLoader
 
-from patchgd import GDClassifier, InnerLoopConfig  # noqa: E402
-from patchgd.data.finedetail import FineDetail  # noqa: E402
-from patchgd.demo import (  # noqa: E402
+from patchgd import GDClassifier, InnerLoopConfig
+from patchgd.data.finedetail import FineDetail
+from patchgd.demo import (
     DemoConfig,
     calibration_batches,
     evaluate,
@@ -55,7 +49,7 @@ from patchgd.demo import (  # noqa: E402
     task_config,
     train_epoch,
 )
-from patchgd.model import Classifier  # noqa: E402
+from patchgd.model import Classifier
 
 BATCH = 4
 
@@ -64,7 +58,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
     args = parser.parse_args()
-    page = output_page(args, DOCS / "finedetail.md")
 
     cfg = DemoConfig()
     if args.quick:
@@ -133,8 +126,7 @@ def main() -> None:
     ]
     text = "\n\n".join(
         [
-            f"Command: `{command_line()}`",
-            machine_line(),
+            run_lines(),
             f"### Patch size on the demo's task ({cfg.canvas_size} px, `{cfg.backbone}`, "
             f"{len(train)} training and {len(val.dataset)} validation images, batch {BATCH}, "
             f"{cfg.epochs} epochs, Adam {cfg.lr:g}, no budget)",
@@ -146,33 +138,23 @@ def main() -> None:
             ),
         ]
     )
-    if page is None:
-        print(text)
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    panel = Panel(
+        "FineDetail, the demo's task: accuracy against patch size",
+        "patch side (px)",
+        "validation accuracy (mean of seeds)",
+    )
     for kind, marker in (("exact", "o-"), ("PatchGD", "s--")):
         xs = [runs[n][1] for n in runs if runs[n][0] == kind]
         ys = [statistics.mean(scores[n]) for n in runs if runs[n][0] == kind]
         label = "patch-level model, exact GD" if kind == "exact" else "PatchGD (demo's sampling)"
-        ax.plot(xs, ys, marker, label=label)
+        panel.lines.append((label, xs, ys, marker))
     whole = next(n for n in runs if runs[n][0] == "whole image")
-    ax.axhline(statistics.mean(scores[whole]), color="black", label="GD, whole image")
-    ax.axhline(1 / classes, color="gray", linestyle=":", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(exact_sizes), [str(p) for p in exact_sizes])
-    ax.set_xlabel("patch side (px)")
-    ax.set_ylabel("validation accuracy (mean of seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title("FineDetail, the demo's task: accuracy against patch size")
-    ax.legend(fontsize=8)
-    figure = save_figure(fig, "finedetail_patch_size", page)
-    text += f"\n\n![accuracy against patch size]({figure.name})"
-    write_section("patchsize", text, page)
+    panel.references = [
+        (statistics.mean(scores[whole]), "GD, whole image"),
+        (1 / classes, "chance"),
+    ]
+    figure = lambda: draw([panel], 6, 3.5)  # noqa: E731
+    publish(args, "patchsize", text, figure, "finedetail_patch_size", DOCS / "finedetail.md")
 
 
 if __name__ == "__main__":

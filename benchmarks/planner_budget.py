@@ -16,31 +16,20 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from _report import Panel, add_common_options, draw, markdown_table, publish, run_lines
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import (  # noqa: E402
-    add_common_options,
-    command_line,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
-)
-
-from patchgd import (  # noqa: E402
+from patchgd import (
     DownscaledGDClassifier,
     GDClassifier,
     HeadConfig,
     InnerLoopConfig,
     PatchGDClassifier,
 )
-from patchgd.memory import live_training_bytes, measure  # noqa: E402
-from patchgd.planner import parse_size, plan_classifier  # noqa: E402
+from patchgd.memory import live_training_bytes, measure
+from patchgd.planner import parse_size, plan_classifier
 
 SECTION = FIGURE = "planner"
 NUM_CLASSES = 10
@@ -134,7 +123,7 @@ def run_case(case: Case, device: torch.device, check_steps: int) -> dict[str, An
     }
 
 
-def report(results: list[dict[str, Any]], args: argparse.Namespace, figure: str | None) -> str:
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     rows, misses = [], []
     for r in results:
         c = r["case"]
@@ -158,21 +147,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, figure: str 
     over = [r for r in results if r["measured"] > r["budget"]]
     low = [r for r in results if r["measured"] <= r["budget"] and r["measured"] < 0.7 * r["budget"]]
     lines = [
-        "## The memory planner against its budget",
+        run_lines(args.device),
         "",
-        "`benchmarks/planner_budget.py` plans each case with `patchgd.planner.plan_classifier` "
-        "(the same call as `patchgd fit --memory-budget`): the largest batch up to the limit "
-        f"(PatchGD, GD; limit {results[0]['case'].batch_limit}) or the largest input size "
-        "(downscaled GD, at its batch), by measured trial steps. The chosen configuration is "
-        f"then trained for {args.check_steps} full steps from a fresh model and optimizer under "
-        "`patchgd.memory.measure`: **measured** is weights + batch + the peak of every tensor "
-        "those steps create (activations, gradients, Adam's state), all inner iterations "
-        "included. PatchGD: k = 4, ζ covers the grid once, ε = ζ, the paper's head; "
-        "3 channels, 10 classes, random init. Budgets in GB are 10⁹ bytes; the table is in MiB.",
-        "",
-        f"`{command_line()}`",
-        "",
-        machine_line(args.device),
+        f"Settings: batch limit {results[0]['case'].batch_limit}, {args.check_steps} full "
+        "steps checked per plan.",
         "",
         markdown_table(
             [
@@ -200,38 +178,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, figure: str 
         lines.append(f"- **missed**: {r['case']} used {100 * r['measured'] / r['budget']:.0f} %")
     if not misses:
         lines.append("- **met** in every case.")
-    if figure:
-        lines += ["", f"![measured peak against budget]({figure})"]
     return "\n".join(lines)
 
 
 def plot(results: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    markers = {"PatchGD": "o", "GD": "s", "downscaled GD": "^"}
-    for method, marker in markers.items():
+    panel = Panel("Planned configurations", "budget (GiB)", "measured peak (GiB)", log2_x=False)
+    for method, marker in {"PatchGD": "o", "GD": "s", "downscaled GD": "^"}.items():
         chosen = [r for r in results if r["case"].method == method]
-        if chosen:
-            ax.scatter(
-                [r["budget"] / 2**30 for r in chosen],
-                [r["measured"] / 2**30 for r in chosen],
-                marker=marker,
-                label=method,
-            )
+        budgets = [r["budget"] / 2**30 for r in chosen]
+        panel.lines.append((method, budgets, [r["measured"] / 2**30 for r in chosen], marker))
     top = max(r["budget"] for r in results) / 2**30 * 1.1
-    ax.plot([0, top], [0, top], "k-", lw=1, label="budget")
-    ax.plot([0, top], [0, 0.7 * top], "k:", lw=1, label="70 % of budget")
-    ax.set_xlabel("budget (GiB)")
-    ax.set_ylabel("measured peak (GiB)")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.legend()
-    ax.set_title("Planned configurations: measured peak against budget")
-    return fig
+    panel.lines += [("budget", [0, top], [0, top], "k-"), ("70 %", [0, top], [0, 0.7 * top], "k:")]
+    return draw([panel], 6.5, 4.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,13 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             f"measured {r['measured'] / 2**20:.0f} MiB ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    page = output_page(args)
-    markdown = report(results, args, f"{FIGURE}.png" if page else None)
-    print(markdown)
-    if page is not None:
-        page.parent.mkdir(parents=True, exist_ok=True)
-        save_figure(plot(results), FIGURE, page)
-        write_section(SECTION, markdown, page)
+    publish(args, SECTION, report(results, args), lambda: plot(results), FIGURE)
     over = any(r["measured"] > r["budget"] for r in results)
     return 1 if over else 0
 

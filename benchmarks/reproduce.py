@@ -39,12 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import (  # noqa: E402
+from _report import (
     ROOT,
 )
-from _study import (  # noqa: E402
+from _study import (
     ARGS,
     CONFIGS,
     FROZEN_ENCODER_LR,
@@ -57,14 +55,14 @@ from _study import (  # noqa: E402
     backbone_name,
     model_args,
 )
-from _timing import progress, timed  # noqa: E402
-from reproduce_report import report  # noqa: E402
+from _timing import progress, timed
+from reproduce_report import report
 
-from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier  # noqa: E402
-from patchgd._io import atomic_write  # noqa: E402
-from patchgd.backbones import create_backbone  # noqa: E402
-from patchgd.cli import main as patchgd_main  # noqa: E402
-from patchgd.data.ultramnist import DigitSource  # noqa: E402
+from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier
+from patchgd._io import atomic_write
+from patchgd.backbones import create_backbone
+from patchgd.cli import main as patchgd_main
+from patchgd.data.ultramnist import DigitSource
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from _report import command_line, machine_line, markdown_table, save_figure, write_section
+from _report import markdown_table, run_lines, save_figure, write_section
 from _study import (
     ARGS,
     FROZEN_ENCODER_LR,
@@ -154,8 +154,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
     train, val, test = p.per_class
     groups = {r["run"]["group"] for r in results.values()}
     parts = [
-        f"Command: `{command_line(argv)}`",
-        machine_line(),
+        run_lines("cpu", argv),
         _time_line(results, extra),
         "",
         "### Protocol (as run)",

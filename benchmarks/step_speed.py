@@ -27,31 +27,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import Panel, add_common_options, draw, markdown_table, publish, run_lines
+from _timing import interleaved, num, progress
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
-    add_common_options,
-    command_line,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
-)
-from _timing import environment_line, interleaved, num, progress  # noqa: E402
-
-from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks  # noqa: E402
+from patchgd import InnerLoopConfig, PatchGDClassifier, StepHooks
 
 SECTION, FIGURE = "step-speed", "step_speed"
 CLASSES, LATENT, FRACTION, LR = 6, 256, 1 / 8, 1e-3
@@ -206,7 +193,6 @@ def measure_row(backbone: str, patch: int, args: argparse.Namespace, device: tor
 # Report
 # --------------------------------------------------------------------------------------------
 def report(rows: list[Row], args) -> None:
-    page = output_page(args)
     methods = METHODS if args.compile else METHODS[:-1]
     steps = [
         [
@@ -236,65 +222,29 @@ def report(rows: list[Row], args) -> None:
         ],  # fmt: skip
         steps,
     )
-    print(table)
-    if page is None:
-        return
-    head = "\n".join(
-        [
-            f"Command: `{command_line()}`",
-            "",
-            machine_line(args.device),
-            environment_line(),
-        ]
-    )
     text = "\n".join(
         [
-            head,
+            run_lines(args.device),
             "",
             f"### One training step, images per second ({args.image} px, batch {args.batch}, "
             f"D = {LATENT}, k = 1/8 of the grid, ζ = ε = every patch once, Adam, the paper's "
             f"head; median of {args.repeats} interleaved repeats)",
             "",
-            "In brackets: the ratio to the straightforward loop, measured side by side. "
-            "*straightforward*: Algorithm 1 as the paper states it, written in the benchmark "
-            "(per-image fill). *patchgd*: `PatchGDClassifier.training_step` at its defaults "
-            "(fill chunk as shown, the fill skipping the first inner iteration's patches, the "
-            "patches channels-last on the CPU). *contiguous*: the same with "
-            "`channels_last=False`, the patches in the layout the images come in, as the "
-            "straightforward loop's. "
-            "*bf16 fill*: the defaults with `fill_dtype='bfloat16'` (the fill under bf16 "
-            "autocast; Z and the inner iterations in fp32). *channels-last weights*: the same, "
-            "with `channels_last=True`, which also stores the encoder's weights channels-last. "
-            "*bf16 step*: the whole step under bf16 autocast (`StepHooks(autocast=...)`). "
-            "*compiled encoder*: `compile_encoder=True` (`torch.compile`, default options), "
-            "timed after its first step; that first step, compile included, is the last column.",
+            "In brackets: the ratio to the straightforward loop, measured side by side.",
             "",
             table,
         ]
     )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backbones = sorted({r.backbone for r in rows})
-    fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 3.6), squeeze=False)
-    for ax, backbone in zip(axes[0], backbones, strict=True):
+    panels = []
+    for backbone in sorted({r.backbone for r in rows}):
+        title = f"{backbone}, {args.image} px, batch {args.batch}, {args.device}"
+        panel = Panel(title, "patch px", "images / s")
         mine = [r for r in rows if r.backbone == backbone]
-        for method in methods:
-            ax.plot(
-                [r.patch for r in mine],
-                [r.rate(method, args.batch) for r in mine],
-                marker="o",
-                label=LABELS[method],
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("patch px")
-        ax.set_ylabel("images / s")
-        ax.set_title(f"{backbone}, {args.image} px, batch {args.batch}, {args.device}")
-        ax.legend(fontsize=8)
-    figure = save_figure(fig, FIGURE, page)
-    write_section(SECTION, text + f"\n\n![images per second]({figure.name})", page)
+        for m in methods:
+            rates = [r.rate(m, args.batch) for r in mine]
+            panel.lines.append((LABELS[m], [r.patch for r in mine], rates, "o-"))
+        panels.append(panel)
+    publish(args, SECTION, text, lambda: draw(panels, 5, 3.6), FIGURE)
 
 
 def main() -> None:

@@ -16,25 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
+from _report import Panel, add_common_options, draw, markdown_table, publish, run_lines
+from _timing import interleaved, num, progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import (  # noqa: E402
-    add_common_options,
-    command_line,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
-)
-from _timing import environment_line, interleaved, num, progress  # noqa: E402
-
-from patchgd import PatchGDClassifier, fill_z  # noqa: E402
+from patchgd import PatchGDClassifier, fill_z
 
 SECTION, FIGURE = "tissue-fill", "tissue_fill"
 FRACTIONS = (1.0, 0.7, 0.5, 0.3, 0.1)
@@ -89,49 +76,27 @@ def report(results: dict[tuple[str, int], dict[str, float]], args: argparse.Name
         "every patch",
         *(f"{m} candidates" for m in names[1:]),
     ]
-    table = markdown_table(header, rows)
-    print(table)
-    page = output_page(args)
-    if page is None:
-        return
     text = "\n".join(
         [
-            f"Command: `{command_line()}`",
-            "",
-            machine_line(args.device),
-            environment_line(),
+            run_lines(args.device),
             "",
             f"### The fill with tissue candidates, images per second ({args.image} px, batch "
             f"{args.batch}, training mode, the default chunk; median of {args.repeats} "
             "interleaved repeats)",
             "",
-            "In brackets: the ratio to the fill of every patch, measured side by side. *N % "
-            "candidates*: each image's mask keeps N % of its patches, drawn at random; the fill "
-            "encodes those and one blank patch per image.",
+            "In brackets: the ratio to the fill of every patch, measured side by side.",
             "",
-            table,
+            markdown_table(header, rows),
         ]
     )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    panel = Panel("", "candidate patches (%)", "speed-up over filling every patch", log_y=True)
+    panel.log2_x = False
+    percents = [100 * f for f in FRACTIONS]
     for (b, p), rates in results.items():
-        ax.plot(
-            [100 * f for f in FRACTIONS],
-            [rates[f"{f:.0%}"] / rates["all"] for f in FRACTIONS],
-            marker="o",
-            label=f"{b}, patch {p}",
-        )
-    ax.plot([10, 100], [10, 1], color="grey", linestyle=":", label="1 / fraction")
-    ax.set_xlabel("candidate patches (%)")
-    ax.set_ylabel("speed-up over filling every patch")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    figure = save_figure(fig, FIGURE, page)
-    write_section(SECTION, text + f"\n\n![fill speed-up]({figure.name})", page)
+        speedups = [rates[f"{f:.0%}"] / rates["all"] for f in FRACTIONS]
+        panel.lines.append((f"{b}, patch {p}", percents, speedups, "o-"))
+    panel.lines.append(("1 / fraction", [10, 100], [10, 1], "k:"))
+    publish(args, SECTION, text, lambda: draw([panel], 5.5, 3.6), FIGURE)
 
 
 def main() -> None:

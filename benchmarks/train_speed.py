@@ -1,35 +1,11 @@
 """Training time per image: PatchGD (full and 50 % coverage) against GD on the full image.
 
-All models are built from the same timm backbone with random weights and trained in one
-process on the same random batch, with SGD (lr 1e-3, momentum 0.9):
-
-- GD: ``GDClassifier.training_step``: forward and backward of the whole image, one step;
-- PatchGD, 100 %: ``PatchGDClassifier.training_step`` with
-  ``InnerLoopConfig(sampling_fraction=f, max_visit_fraction=1.0)``: the Z-fill, then
-  ζ = ceil(1 / f) inner iterations that re-encode every patch once with gradients, ε = ζ (one
-  optimizer step per batch, as GD);
-- PatchGD, 50 %: the same with ``max_visit_fraction=0.5``: half the patches re-encoded, ζ halved.
-
-Each size gets one warm-up step per model, then the repeats interleaved (GD, PatchGD 100 %,
-PatchGD 50 %, GD, ...). The tables give medians of seconds per image and the ratios of the
-medians, and split every step into its parts by forward hooks (no extra work is timed).
+The method, the columns and the settings that move CPU figures are described in
+docs/benchmarks.md beside the section this script writes.
 
     python benchmarks/train_speed.py            # resnet50, 512/1024/2048 px: ~10 min, 2 cores
     python benchmarks/train_speed.py --quick    # mobilenetv2_100, 256/512 px: < 1 min
     python benchmarks/train_speed.py --device cuda --batch 4 --repeats 10
-    python benchmarks/train_speed.py --sampling-fraction 0.125 --sizes 1024
-
-GD's memory grows with the image: a size where GD's step would not fit the free memory at
-``--batch`` (extrapolated from a measured step on one 768 px image) runs at the largest batch
-that fits, for every model, and says so. A full run writes its section of docs/benchmarks.md and
-docs/train_speed.png; a quick run only prints, unless ``--page`` is given.
-
-On the CPU two settings move the figures a lot, so the section records them: on a machine
-shared with other work, ``--threads 1`` keeps timings steady (OpenMP threads waiting at barriers
-for a busy core slowed small models several-fold here); and glibc's malloc hands tensors above
-32 MiB back to the kernel, so every large activation is faulted in afresh, which costs GD's
-full-image passes (and PatchGD's large fill chunks) up to a third of their time.
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` (or jemalloc, tcmalloc) avoids that.
 """
 
 from __future__ import annotations
@@ -44,17 +20,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _report import (
-    add_common_options,
-    command_line,
-    fill_chunk,
-    machine_line,
-    markdown_table,
-    output_page,
-    save_figure,
-    write_section,
+from _report import Panel, add_common_options, draw, fill_chunk, markdown_table, publish, run_lines
+from _timing import (
+    ForwardClock,
+    add_speed_options,
+    num,
+    progress,
+    speed_defaults,
+    synchronize,
+    timed,
 )
-from _timing import ForwardClock, environment_line, num, progress, synchronize, timed
 from torch import nn
 
 from patchgd import GDClassifier, HeadConfig, InnerLoopConfig, PatchGDClassifier, measure
@@ -290,219 +265,101 @@ def target_lines(rows: list[Row], backbones: list[str]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[Row], args: argparse.Namespace, figure: str | None) -> str:
-    main_rows = []
-    for r in rows:
-        (k, z_full), (_, z_half) = r.loops["full"], r.loops["half"]
-        main_rows.append(
-            [
-                r.backbone,
-                f"{r.size} px",
-                r.batch,
-                f"{r.grid[0]} × {r.grid[1]}; k = {k}; ζ = {z_full} / {z_half}",
-                num(r.times["gd"].median()) if r.has("gd") else "–",
-                num(r.times["full"].median()),
-                times(r.ratio("full"), bold=True),
-                times(r.expected("full")),
-                num(r.times["half"].median()),
-                times(r.ratio("half"), bold=True),
-                times(r.expected("half")),
-            ]
-        )
-    main_header = [
-        "backbone",
-        "image",
-        "batch",
-        "grid; k; ζ (100 % / 50 %)",
-        "GD s/image",
-        "PatchGD 100 % s/image",
-        "100 % / GD",
-        "expected",
-        "PatchGD 50 % s/image",
-        "50 % / GD",
-        "expected",
+def markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    main_rows = [
+        [
+            r.backbone,
+            f"{r.size} px",
+            r.batch,
+            f"{r.grid[0]} × {r.grid[1]}; k = {r.loops['full'][0]}; "
+            f"ζ = {r.loops['full'][1]} / {r.loops['half'][1]}",
+            num(r.times["gd"].median()) if r.has("gd") else "–",
+            *(
+                cell
+                for m in ("full", "half")
+                for cell in (
+                    num(r.times[m].median()),
+                    times(r.ratio(m), bold=True),
+                    times(r.expected(m)),
+                )
+            ),
+        ]
+        for r in rows
     ]
-    split_rows = []
-    for r in rows:
-        for method in METHODS:
-            if not r.has(method):
-                continue
-            t = r.times[method]
-            split_rows.append(
-                [
-                    r.backbone,
-                    f"{r.size} px",
-                    LABELS[method],
-                    "–" if method == "gd" else num(t.median("fill")),
-                    num(t.median("forward")),
-                    num(t.rest),
-                    num(t.median()),
-                ]
-            )
-    split_header = [
-        "backbone",
-        "image",
-        "method",
-        "Z-fill (no grad)",
-        "forward with grad",
-        "backward, head, step",
-        "total",
+    main_header = ["backbone", "image", "batch", "grid; k; ζ (100 % / 50 %)", "GD s/image"]
+    for label in ("100 %", "50 %"):
+        main_header += [f"PatchGD {label} s/image", f"{label} / GD", "expected"]
+    split_rows = [
+        [r.backbone, f"{r.size} px", LABELS[m]]
+        + ["–" if m == "gd" else num(r.times[m].median("fill"))]
+        + [num(r.times[m].median("forward")), num(r.times[m].rest), num(r.times[m].median())]
+        for r in rows
+        for m in METHODS
+        if r.has(m)
     ]
+    split_header = ["backbone", "image", "method", "Z-fill (no grad)", "forward with grad"]
+    split_header += ["backward, head, step", "total"]
     notes = [f"- {r.size} px, {r.backbone}: {r.gd_note}." for r in rows if r.gd_note]
-    batch_text = f"a batch of {args.batch} image{'s' if args.batch > 1 else ''}"
     parts = [
-        "## Training time per image: PatchGD against GD",
+        run_lines(str(args.device)),
         "",
-        "`benchmarks/train_speed.py` times training steps on random images. All models are "
-        "built from the same timm backbone with random weights, in one process, on the same "
-        f"batch, with SGD (lr {LR:g}, momentum 0.9); {batch_text} unless noted:",
-        "",
-        "- **GD**: `GDClassifier.training_step`, forward and backward of the whole image, one "
-        "optimizer step.",
-        "- **PatchGD, 100 %**: `PatchGDClassifier.training_step` with "
-        f"`InnerLoopConfig(sampling_fraction={args.sampling_fraction:g}, "
-        "max_visit_fraction=1.0)`: the Z-fill (every patch encoded without gradients, up to "
-        f"{fill_chunk(args)} per encoder call), then ζ inner iterations that each re-encode k "
-        "patches per image with gradients and run the head on Z, so every patch is re-encoded "
-        "once; ε = ζ, one optimizer step per batch as in GD.",
-        "- **PatchGD, 50 %**: the same with `max_visit_fraction=0.5`: half the patches "
-        "re-encoded, in half as many inner iterations.",
-        "",
-        f"Patches of {args.patch_size} px, latent_dim {args.latent_dim}, the paper's head "
-        "(GroupNorm instead of BatchNorm at batch 1, where one image's grid reduces to 1 × 1)"
-        + (", models and batch in channels-last memory format" if args.channels_last else "")
-        + ". "
-        "Each size gets one warm-up step per model, then "
-        f"{args.repeats} repeat{'s' if args.repeats > 1 else ''} interleaved "
-        "(GD, PatchGD 100 %, PatchGD 50 %, GD, ...). "
-        "Figures are medians over the repeats; ratios are of the medians.",
-        "",
-        "*expected* is the ratio if PatchGD's passes cost what GD's cost per pixel: its step "
-        "does a no-grad pass over every patch (GD's forward) plus forward and backward of the "
-        "visited patches (that share of GD's step), so expected = coverage + GD forward / GD "
-        "step, from GD's measured split below. With backward = 2 × forward that is the "
-        "arithmetic floor, 1.33× for 100 % and 0.83× for 50 %. PatchGD comes in under it where "
-        "its batches of patches run faster per pixel than the whole image.",
-        "",
-        f"Command: `{command_line()}`",
-        "",
-        machine_line(str(args.device)),
-        environment_line(),
+        f"Settings: batch {args.batch} unless noted, SGD (lr {LR:g}, momentum 0.9), "
+        f"sampling_fraction {args.sampling_fraction:g}, patches of {args.patch_size} px, "
+        f"latent_dim {args.latent_dim}, fill chunk {fill_chunk(args)}"
+        + (", models and batch channels-last" if args.channels_last else "")
+        + f"; medians of {args.repeats} interleaved repeats after one warm-up step.",
         "",
         markdown_table(main_header, main_rows),
         "",
-    ]
-    if notes:
-        parts += ["Batch notes:", "", *notes, ""]
-    parts += [
+        *(["Batch notes:", "", *notes, ""] if notes else []),
         f"Targets at {TARGET_SIZE} px: PatchGD 100 % ≤ {TARGET_FULL}× GD's time per image, "
         f"PatchGD 50 % ≤ {TARGET_HALF}×.",
         "",
         *target_lines(rows, args.backbone),
         "",
-        "Where the time goes, seconds per image (medians; forward hooks on GD's model and on "
-        "PatchGD's encoder time the forward calls, and *backward, head, step* is the rest of "
-        "the step):",
+        "Where the time goes, seconds per image (medians):",
         "",
         markdown_table(split_header, split_rows),
     ]
-    if figure:
-        parts += ["", f"![Training time per image, PatchGD and GD]({figure})"]
     return "\n".join(parts) + "\n"
 
 
 def plot(rows: list[Row], backbones: list[str]) -> object:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, (ax_time, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"gd": "o-", "full": "s--", "half": "^:"}
+    time = Panel("Training step time", "image side (px)", "seconds per image (median)", log_y=True)
+    ratio = Panel("PatchGD relative to GD", "image side (px)", "PatchGD / GD time per image")
+    ratio.references = [(TARGET_FULL, "targets (1024 px)"), (TARGET_HALF, "")]
     for backbone in backbones:
         mine = sorted((r for r in rows if r.backbone == backbone), key=lambda r: r.size)
-        for method in METHODS:
-            have = [r for r in mine if r.has(method)]
-            ax_time.plot(
-                [r.size for r in have],
-                [r.times[method].median() for r in have],
-                styles[method],
-                label=f"{LABELS[method]}, {backbone}",
-            )
-        for method in ("full", "half"):
-            have = [r for r in mine if r.ratio(method) is not None]
-            sizes = [r.size for r in have]
-            line = ax_ratio.plot(
-                sizes, [r.ratio(method) for r in have], styles[method], label=LABELS[method]
-            )[0]
-            ax_ratio.plot(
-                sizes, [r.expected(method) for r in have], "-", color=line.get_color(), alpha=0.3
-            )
-    ax_ratio.axhline(TARGET_FULL, color="grey", lw=1, ls=":", label="targets (1024 px)")
-    ax_ratio.axhline(TARGET_HALF, color="grey", lw=1, ls=":")
-    ticks = sorted({r.size for r in rows})
-    for ax in (ax_time, ax_ratio):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("image side (px)")
-        ax.legend(fontsize=8)
-    ax_time.set_yscale("log")
-    ax_time.set_ylabel("seconds per image (median)")
-    ax_time.set_title("Training step time")
-    ax_ratio.set_ylabel("PatchGD / GD time per image (faint: expected)")
-    ax_ratio.set_title("PatchGD relative to GD")
-    fig.tight_layout()
-    return fig
+        for m in METHODS:
+            have = [r for r in mine if r.has(m)]
+            xs, ys = [r.size for r in have], [r.times[m].median() for r in have]
+            time.lines.append((f"{LABELS[m]}, {backbone}", xs, ys, styles[m]))
+        for m in ("full", "half"):
+            have = [r for r in mine if r.ratio(m) is not None]
+            xs = [r.size for r in have]
+            ratio.lines.append((LABELS[m], xs, [r.ratio(m) for r in have], styles[m]))
+            ratio.lines.append((f"{LABELS[m]}, expected", xs, [r.expected(m) for r in have], "-"))
+    return draw([time, ratio])
 
 
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(parser)
-    parser.add_argument("--backbone", nargs="+", help="timm names (default resnet50)")
-    parser.add_argument("--sizes", type=int, nargs="+", help="image sides in px")
-    parser.add_argument("--patch-size", type=int, help="patch side (default 256; quick 128)")
-    parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
-    parser.add_argument("--repeats", type=int, help="timed steps per model (default 3; quick 1)")
+    add_speed_options(parser, batch=2, repeats=3, quick_repeats=1)
     parser.add_argument(
         "--sampling-fraction",
         type=float,
         default=0.25,
         help="k as a fraction of the grid (default 0.25: ζ = 4 at 100 %%, 2 at 50 %%)",
     )
-    parser.add_argument(
-        "--fill-chunk",
-        type=int,
-        help="patches per encoder call in the Z-fill (default: the library's for the device)",
-    )
-    parser.add_argument("--latent-dim", type=int, default=256)
-    parser.add_argument(
-        "--channels-last", action="store_true", help="both models and the batch in channels-last"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch intra-op threads (default: torch's; quick: 1, steady on a busy machine)",
-    )
-    args = parser.parse_args(argv)
-    quick = args.quick
-    args.backbone = args.backbone or (["mobilenetv2_100"] if quick else ["resnet50"])
-    args.sizes = sorted(args.sizes or ([256, 512] if quick else [512, 1024, 2048]))
-    args.patch_size = args.patch_size or (128 if quick else 256)
-    args.threads = args.threads or (1 if quick else None)
-    args.repeats = args.repeats or (1 if quick else 3)
-    return args
+    return speed_defaults(parser.parse_args(argv), [512, 1024, 2048], 3, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    page: Path | None = output_page(args)
-
     rows = []
     for backbone in args.backbone:
         memory = GDMemory.probe(backbone, device, min(MEMORY_PROBE_SIDE, args.sizes[-1]))
@@ -511,12 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last size's models are gone; return their memory
 
-    figure = f"{FIGURE}.png" if page is not None else None
-    text = markdown(rows, args, figure)
-    print(text)
-    if page is not None:
-        save_figure(plot(rows, args.backbone), FIGURE, page)
-        write_section(SECTION, text, page)
+    publish(args, SECTION, markdown(rows, args), lambda: plot(rows, args.backbone), FIGURE)
     return 0
 
 
