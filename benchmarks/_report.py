@@ -177,9 +177,11 @@ def publish(
     figure: Callable[[], object] | None = None,
     figure_name: str | None = None,
     default: Path = PAGE,
+    caption: str = "",
 ) -> None:
     """Print a section; on a full run (or with ``--page``) write it, with the figure that
-    ``figure()`` draws saved as ``figure_name.png`` beside the page and shown under it."""
+    ``figure()`` draws saved as ``figure_name.png`` beside the page and shown under it with
+    ``caption`` as its text."""
     print(markdown)
     page = output_page(args, default)
     if page is None:
@@ -187,24 +189,27 @@ def publish(
     page.parent.mkdir(parents=True, exist_ok=True)
     if figure is not None:
         path = save_figure(figure(), figure_name or section, page)
-        markdown = markdown.rstrip("\n") + f"\n\n![{section}]({path.name})\n"
+        markdown = markdown.rstrip("\n") + f"\n\n![{caption or section}]({path.name})\n"
     write_section(section, markdown, page)
 
 
 @dataclass
 class Panel:
-    """One plot: lines ``(label, xs, ys, matplotlib format)``, dotted reference lines at
+    """One plot: lines ``(label, xs, ys, matplotlib format)``, optionally with a dict of
+    ``Axes.plot`` keywords last (e.g. ``color``, ``alpha``); grey dotted reference lines at
     ``(y, label)`` and ``(x, label)``; x on a log-2 axis ticked at the lines' x values unless
-    ``log2_x`` is off."""
+    ``log2_x`` is off. A line with no points is left out, legend included."""
 
     title: str
     xlabel: str
     ylabel: str
-    lines: list[tuple[str, Sequence[float], Sequence[float], str]] = field(default_factory=list)
+    lines: list[tuple] = field(default_factory=list)
     references: list[tuple[float, str]] = field(default_factory=list)
     x_references: list[tuple[float, str]] = field(default_factory=list)
     log2_x: bool = True
     log_y: bool = False
+    xlim: tuple[float, float] | None = None
+    ylim: tuple[float, float] | None = None
 
 
 def draw(panels: Sequence[Panel], width: float = 5.0, height: float = 4.0) -> object:
@@ -217,19 +222,24 @@ def draw(panels: Sequence[Panel], width: float = 5.0, height: float = 4.0) -> ob
 
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
-        for label, xs, ys, fmt in panel.lines:
-            ax.plot(xs, ys, fmt, label=label)
+        for label, xs, ys, fmt, *style in panel.lines:
+            if len(xs):
+                ax.plot(xs, ys, fmt, label=label, **(style[0] if style else {}))
         for y, label in panel.references:
             ax.axhline(y, color="grey", lw=1, ls=":", label=label or None)
         for x, label in panel.x_references:
             ax.axvline(x, color="grey", lw=1, ls=":", label=label or None)
         if panel.log2_x:
-            ticks = sorted({x for _, xs, _, _ in panel.lines for x in xs})
+            ticks = sorted({x for line in panel.lines for x in line[1]})
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if panel.log_y:
             ax.set_yscale("log")
+        if panel.xlim:
+            ax.set_xlim(*panel.xlim)
+        if panel.ylim:
+            ax.set_ylim(*panel.ylim)
         ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()

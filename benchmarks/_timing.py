@@ -1,5 +1,5 @@
 """What the speed benchmarks share: timing a call, timing calls interleaved, timing a module's
-forward calls, and the report's environment line and number format."""
+forward calls, the number format, and the options of the scripts that time PatchGD against GD."""
 
 from __future__ import annotations
 
@@ -144,13 +144,11 @@ def speed_defaults(
     args: argparse.Namespace, sizes: list[int], repeats: int, quick_repeats: int
 ) -> argparse.Namespace:
     """Fill in what :func:`add_speed_options` left unset; ``--quick``: MobileNetV2, 256 and
-    512 px, 128 px patches, one thread. Sets torch's threads."""
+    512 px, 128 px patches, one thread."""
     quick = args.quick
     args.backbone = args.backbone or (["mobilenetv2_100"] if quick else ["resnet50"])
     args.sizes = sorted(args.sizes or ([256, 512] if quick else sizes))
     args.patch_size = args.patch_size or (128 if quick else 256)
     args.threads = args.threads or (1 if quick else None)
     args.repeats = args.repeats or (quick_repeats if quick else repeats)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     return args

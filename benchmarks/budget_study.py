@@ -18,7 +18,7 @@ on the test split, which nothing else sees (no checkpoint is chosen). Results go
 ``docs/reproduction.md``, beside the 512 px paper-setting study.
 
     python benchmarks/budget_study.py                 # both canvases: 101 minutes on two cores
-    python benchmarks/budget_study.py --canvas 1024   # the 1024 px rows alone, 45 minutes
+    python benchmarks/budget_study.py --canvas 1024   # the 1024 px rows alone, 27 minutes
     python benchmarks/budget_study.py --quick         # a smoke run (tests)
 
 Each canvas has its own section of the page (``budget-1024``, ``budget-2048``), written as soon

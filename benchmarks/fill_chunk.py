@@ -127,7 +127,8 @@ def main() -> None:
             speeds = [rates[b] / max(rates.values()) for b in budgets]
             panel.lines.append((backbone, [b * 4 / 2**20 for b in budgets], speeds, "o-"))
         panels.append(panel)
-    publish(args, SECTION, text, lambda: draw(panels, 4.5, 3.6), FIGURE)
+    caption = "fill speed by call size"
+    publish(args, SECTION, text, lambda: draw(panels, 4.5, 3.6), FIGURE, caption=caption)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def main() -> None:
     )
     title = f"FineDetail: evidence left after downscaling {residue_canvas.canvas_size} px"
     panel = Panel(title, "input side after resizing (px)", "texture left (% of amplitude)")
+    panel.log2_x = False
     panel.lines = [
         ("antialiased bilinear", sizes, [float(r[2]) for r in residue_rows], "o-"),
         ("area", sizes, [float(r[3]) for r in residue_rows], "s--"),
@@ -198,6 +199,7 @@ def main() -> None:
         lambda: draw([panel], 6, 3.5),
         "finedetail_residue",
         DOCS / "finedetail.md",
+        caption="texture residue against input size",
     )
 
 

@@ -212,55 +212,42 @@ def main() -> None:
         csv.write_text("\n".join(lines) + "\n")
         runs = work / "runs"
         shutil.rmtree(runs, ignore_errors=True)  # run folders are numbered from 0 again
+        # fmt: off
         fit = run_child(
             [
                 "fit",
-                "--config",
-                str(CONFIG),
-                "--data.init_args.csv",
-                str(csv),
-                "--data.init_args.tissue_cache",
-                str(work / "masks"),
-                "--model.classifier.init_args.backbone",
-                args.backbone,
-                "--data.init_args.batch_size",
-                "1",
-                "--trainer.max_steps",
-                str(steps),
-                "--trainer.limit_val_batches",
-                "0",
-                "--trainer.num_sanity_val_steps",
-                "0",
-                "--trainer.accelerator",
-                "cpu",
-                "--model.warmup_epochs",
-                "0",
-                "--trainer.default_root_dir",
-                str(runs),
-            ],  # fmt: skip
+                "--config", str(CONFIG),
+                "--data.init_args.csv", str(csv),
+                "--data.init_args.tissue_cache", str(work / "masks"),
+                "--model.classifier.init_args.backbone", args.backbone,
+                "--data.init_args.batch_size", "1",
+                "--trainer.max_steps", str(steps),
+                "--trainer.limit_val_batches", "0",
+                "--trainer.num_sanity_val_steps", "0",
+                "--trainer.accelerator", "cpu",
+                "--model.warmup_epochs", "0",
+                "--trainer.default_root_dir", str(runs),
+            ],
             work / "fit.json",
             work / "fit.log",
         )
+        # fmt: on
         run = runs / "lightning_logs" / "version_0"
+        # fmt: off
         predict = run_child(
             [
                 "predict",
-                "--config",
-                str(run / "config.yaml"),
-                "--ckpt_path",
-                str(run / "checkpoints" / "last.ckpt"),
-                "--data",
-                "patchgd.app.datamodules.PredictImagesDataModule",
-                "--data.inputs",
-                f"[{slides[0][0]}, {slides[1][0]}]",
-                "--model.predict_heatmaps",
-                "true",
-                "--trainer.default_root_dir",
-                str(runs),
-            ],  # fmt: skip
+                "--config", str(run / "config.yaml"),
+                "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                "--data", "patchgd.app.datamodules.PredictImagesDataModule",
+                "--data.inputs", f"[{slides[0][0]}, {slides[1][0]}]",
+                "--model.predict_heatmaps", "true",
+                "--trainer.default_root_dir", str(runs),
+            ],
             work / "predict.json",
             work / "predict.log",
         )
+        # fmt: on
         out = runs / "lightning_logs" / "version_1"
         predicted = (out / "predictions.csv").read_text().strip().splitlines()[1:]
         heatmaps = sorted((out / "heatmaps").glob("*.png"))

@@ -172,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for backbone in args.backbone:
@@ -180,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last size's models are gone; return their memory
 
-    publish(args, SECTION, markdown(rows, args), lambda: plot(rows, args.backbone), FIGURE)
+    caption = "Inference time per image, PatchGD and GD"
+    publish(
+        args,
+        SECTION,
+        markdown(rows, args),
+        lambda: plot(rows, args.backbone),
+        FIGURE,
+        caption=caption,
+    )
     return 0
 
 

@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(args, spec_base)
     log(f"all runs: {time.perf_counter() - start:.0f} s")
 
-    publish(args, SECTION, report(args, rows), lambda: figure(rows, args), FIGURE)
+    caption = "peak memory against image size"
+    publish(args, SECTION, report(args, rows), lambda: figure(rows, args), FIGURE, caption=caption)
     failed = [r for r in rows if r.note.startswith("failed")]
     return 1 if failed else 0
 

@@ -149,12 +149,18 @@ def main() -> None:
         label = "patch-level model, exact GD" if kind == "exact" else "PatchGD (demo's sampling)"
         panel.lines.append((label, xs, ys, marker))
     whole = next(n for n in runs if runs[n][0] == "whole image")
-    panel.references = [
-        (statistics.mean(scores[whole]), "GD, whole image"),
-        (1 / classes, "chance"),
-    ]
-    figure = lambda: draw([panel], 6, 3.5)  # noqa: E731
-    publish(args, "patchsize", text, figure, "finedetail_patch_size", DOCS / "finedetail.md")
+    ends = [min(exact_sizes), max(exact_sizes)]
+    panel.lines.append(("GD, whole image", ends, [statistics.mean(scores[whole])] * 2, "k-"))
+    panel.references, panel.ylim = [(1 / classes, "chance")], (0, 1)
+    publish(
+        args,
+        "patchsize",
+        text,
+        lambda: draw([panel], 6, 3.5),
+        "finedetail_patch_size",
+        DOCS / "finedetail.md",
+        caption="accuracy against patch size",
+    )
 
 
 if __name__ == "__main__":

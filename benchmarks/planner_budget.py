@@ -182,13 +182,16 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def plot(results: list[dict[str, Any]]) -> Any:
-    panel = Panel("Planned configurations", "budget (GiB)", "measured peak (GiB)", log2_x=False)
+    title = "Planned configurations: measured peak against budget"
+    panel = Panel(title, "budget (GiB)", "measured peak (GiB)", log2_x=False)
     for method, marker in {"PatchGD": "o", "GD": "s", "downscaled GD": "^"}.items():
         chosen = [r for r in results if r["case"].method == method]
         budgets = [r["budget"] / 2**30 for r in chosen]
         panel.lines.append((method, budgets, [r["measured"] / 2**30 for r in chosen], marker))
     top = max(r["budget"] for r in results) / 2**30 * 1.1
-    panel.lines += [("budget", [0, top], [0, top], "k-"), ("70 %", [0, top], [0, 0.7 * top], "k:")]
+    panel.lines += [("budget", [0, top], [0, top], "k-")]
+    panel.lines += [("70 % of budget", [0, top], [0, 0.7 * top], "k:")]
+    panel.xlim = panel.ylim = (0, top)
     return draw([panel], 6.5, 4.5)
 
 
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             f"measured {r['measured'] / 2**20:.0f} MiB ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    publish(args, SECTION, report(results, args), lambda: plot(results), FIGURE)
+    caption = "measured peak against budget"
+    publish(args, SECTION, report(results, args), lambda: plot(results), FIGURE, caption=caption)
     over = any(r["measured"] > r["budget"] for r in results)
     return 1 if over else 0
 

@@ -244,7 +244,7 @@ def report(rows: list[Row], args) -> None:
             rates = [r.rate(m, args.batch) for r in mine]
             panel.lines.append((LABELS[m], [r.patch for r in mine], rates, "o-"))
         panels.append(panel)
-    publish(args, SECTION, text, lambda: draw(panels, 5, 3.6), FIGURE)
+    publish(args, SECTION, text, lambda: draw(panels, 5, 3.6), FIGURE, caption="images per second")
 
 
 def main() -> None:

@@ -327,7 +327,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
 def plot(rows: list[Row], backbones: list[str]) -> object:
     styles = {"gd": "o-", "full": "s--", "half": "^:"}
     time = Panel("Training step time", "image side (px)", "seconds per image (median)", log_y=True)
-    ratio = Panel("PatchGD relative to GD", "image side (px)", "PatchGD / GD time per image")
+    ylabel = "PatchGD / GD time per image (faint: expected)"
+    ratio = Panel("PatchGD relative to GD", "image side (px)", ylabel)
     ratio.references = [(TARGET_FULL, "targets (1024 px)"), (TARGET_HALF, "")]
     for backbone in backbones:
         mine = sorted((r for r in rows if r.backbone == backbone), key=lambda r: r.size)
@@ -335,11 +336,13 @@ def plot(rows: list[Row], backbones: list[str]) -> object:
             have = [r for r in mine if r.has(m)]
             xs, ys = [r.size for r in have], [r.times[m].median() for r in have]
             time.lines.append((f"{LABELS[m]}, {backbone}", xs, ys, styles[m]))
-        for m in ("full", "half"):
+        for colour, m in zip(("C1", "C2"), ("full", "half"), strict=True):
             have = [r for r in mine if r.ratio(m) is not None]
             xs = [r.size for r in have]
-            ratio.lines.append((LABELS[m], xs, [r.ratio(m) for r in have], styles[m]))
-            ratio.lines.append((f"{LABELS[m]}, expected", xs, [r.expected(m) for r in have], "-"))
+            measured = [r.ratio(m) for r in have]
+            ratio.lines.append((LABELS[m], xs, measured, styles[m], {"color": colour}))
+            faint = {"color": colour, "alpha": 0.3}
+            ratio.lines.append((None, xs, [r.expected(m) for r in have], "-", faint))
     return draw([time, ratio])
 
 
@@ -359,6 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for backbone in args.backbone:
@@ -368,7 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last size's models are gone; return their memory
 
-    publish(args, SECTION, markdown(rows, args), lambda: plot(rows, args.backbone), FIGURE)
+    caption = "Training time per image, PatchGD and GD"
+    publish(
+        args,
+        SECTION,
+        markdown(rows, args),
+        lambda: plot(rows, args.backbone),
+        FIGURE,
+        caption=caption,
+    )
     return 0
 
 

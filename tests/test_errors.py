@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from patchgd import (
     PatchGDClassifier,
 )
 from patchgd.baselines import _feature_map
+from patchgd.errors import require_count
 
 
 @pytest.mark.parametrize(
@@ -150,3 +152,16 @@ def test_gd_extended_rejects_backbones_without_a_spatial_map():
         _feature_map(Pooled(), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="num_classes must be at least 2"):
         GDExtendedClassifier("test_resnet", 1, 64)
+
+
+def test_require_count_takes_whole_numbers_only():
+    """The one check behind every count option: NumPy integers count, bools and floats do not,
+    and the message names the option, the minimum and the value."""
+    assert require_count("n", 3) == 3
+    assert require_count("n", np.int64(3)) == 3 and type(require_count("n", np.int64(3))) is int
+    assert require_count("seed", 0, at_least=0) == 0
+    with pytest.raises(ConfigError, match=r"^num_folds must be at least 2, got 1$"):
+        require_count("num_folds", 1, at_least=2)
+    for bad in (True, 2.0, "2", None):
+        with pytest.raises(ConfigError, match=rf"^n must be a whole number, got {bad!r}$"):
+            require_count("n", bad)

@@ -106,7 +106,7 @@ def test_bad_settings_fail_in_one_line_naming_the_option(change, name):
 def test_bad_dataset_arguments_name_the_argument():
     with pytest.raises(ConfigError, match="split="):
         FineDetail("training", 2, SMALL)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="per_class="):
+    with pytest.raises(ConfigError, match="per_class"):
         FineDetail("train", 0, SMALL)
     with pytest.raises(IndexError):
         FineDetail("train", 1, SMALL)[4]

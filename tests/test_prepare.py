@@ -233,7 +233,7 @@ def test_channel_stats_options(images, tmp_path):
     dataset = LargeImageDataset(images, target_size=64)
     with pytest.raises(ConfigError, match="target_size=32 differs"):
         channel_stats(dataset, target_size=32)
-    with pytest.raises(ConfigError, match="max_images=0"):
+    with pytest.raises(ConfigError, match="max_images must be at least 1, got 0"):
         channel_stats(dataset, max_images=0)
     Path(images[2].path).write_bytes(Path(images[2].path).read_bytes()[:200])  # truncate gray
     mean, _ = channel_stats(dataset, progress=False)  # skipped with a warning

@@ -75,6 +75,7 @@ def create_backbone(
     image_size: int | tuple[int, int] | None = None,
     in_chans: int = 3,
     pretrained: Pretrained = None,
+    channels_last: ChannelsLast = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build timm model ``name``.
@@ -88,14 +89,17 @@ def create_backbone(
         pretrained: a local weights file (``.pth``, ``.bin``, ``.safetensors``) loaded through
             timm, which adapts the classifier, ``in_chans`` and ViT position embeddings; ``True``
             downloads timm's default weights (needs a network); ``None``/``False``: random init.
+        channels_last: ``True`` stores the weights channels-last (the pixels' layout is set
+            per call by :func:`in_backbone_layout`); ``None`` and ``False`` leave them as built.
         **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``norm_layer``).
 
     Strided convolutions become :class:`~patchgd.conv.StrideSafeConv2d` (same function and
     weights), which avoids a oneDNN bf16 gradient defect on small feature maps.
     """
-    return use_stride_safe_convolutions(
+    model = use_stride_safe_convolutions(
         _create(name, num_classes, image_size, in_chans, pretrained, **kwargs)
     )
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def _create(

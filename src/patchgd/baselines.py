@@ -73,16 +73,15 @@ class GDClassifier(Classifier):
             image_size=self.input_size,
             in_chans=in_chans,
             pretrained=pretrained,
+            channels_last=channels_last,
             **{"num_classes": num_classes, **(backbone_kwargs or {})},
         )
         self.freeze_bn = freeze_bn
         self.grad_checkpointing = grad_checkpointing
-        if micro_batch is not None and micro_batch < 1:
-            raise ConfigError(f"micro_batch must be at least 1, got {micro_batch}")
+        if micro_batch is not None:
+            micro_batch = require_count("micro_batch", micro_batch)
         self.micro_batch = micro_batch
         self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
         if grad_checkpointing:
             try:
                 self.backbone.set_grad_checkpointing(True)

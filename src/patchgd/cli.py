@@ -126,16 +126,9 @@ def _plan(args: argparse.Namespace) -> None:
     from .algorithm import InnerLoopConfig
     from .planner import plan_patchgd
 
-    kwargs = dict(
-        backbone=args.backbone,
-        num_classes=args.num_classes,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        in_chans=args.in_chans,
-        latent_dim=args.latent_dim,
-        loop=InnerLoopConfig(sampling_fraction=args.sampling_fraction),
-        fill_chunk=args.fill_chunk,
-    )
+    options = "backbone num_classes image_size patch_size in_chans latent_dim fill_chunk"
+    kwargs = {name: getattr(args, name) for name in options.split()}
+    kwargs["loop"] = InnerLoopConfig(sampling_fraction=args.sampling_fraction)
     device = _device(args.device)
     print(f"planning PatchGD under {args.memory_budget} on {device} (measured trial steps):")
     plan = plan_patchgd(

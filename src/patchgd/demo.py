@@ -38,7 +38,7 @@ from .algorithm import FillNorm, InnerLoopConfig
 from .backbones import LinearInit
 from .baselines import DownscaledGDClassifier, GDClassifier, GDExtendedClassifier
 from .data.finedetail import FineDetail, FineDetailConfig
-from .errors import ConfigError
+from .errors import ConfigError, require_count
 from .head import HeadConfig, Pool
 from .memory import live_training_bytes, measure
 from .model import Classifier, PatchGDClassifier
@@ -84,9 +84,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "per_class_train", "per_class_val"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            require_count(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.calibration_images < 0:
             raise ConfigError(
                 f"--calibration-images must be 0 or more, got {self.calibration_images}"

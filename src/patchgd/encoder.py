@@ -55,6 +55,7 @@ class PatchEncoder(nn.Module):
             image_size=patch_size,
             in_chans=in_chans,
             pretrained=pretrained,
+            channels_last=channels_last,
             **backbone_kwargs,
         )
         # Some heads (MobileNetV3, GhostNet, VGG) widen the pooled features with a conv_head.
@@ -62,8 +63,6 @@ class PatchEncoder(nn.Module):
         self.proj = nn.Linear(width, latent_dim)
         self._largest_activation: int | None = None
         self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.proj(self.backbone(in_backbone_layout(patches, self.channels_last)))

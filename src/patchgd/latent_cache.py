@@ -16,7 +16,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, require_count
 
 
 class LatentCache:
@@ -33,9 +33,7 @@ class LatentCache:
     """
 
     def __init__(self, refresh_every: int, device: str | torch.device = "cpu") -> None:
-        if isinstance(refresh_every, bool) or refresh_every < 1:
-            raise ConfigError(f"z_refresh_every must be at least 1, got {refresh_every}")
-        self.refresh_every = refresh_every
+        self.refresh_every = require_count("z_refresh_every", refresh_every)
         self.device = torch.device(device)
         self._z: dict[Hashable, Tensor] = {}
         self._age: dict[Hashable, int] = {}  # visits since the last fill

@@ -26,7 +26,7 @@ from .algorithm import train_step as patchgd_train_step
 from .backbones import ChannelsLast, LinearInit, Pretrained, fan_out_init
 from .batchnorm import recalibrating
 from .encoder import PatchEncoder
-from .errors import ConfigError, from_data
+from .errors import ConfigError, from_data, require_count
 from .grid import PadValue, PatchGrid
 from .head import HeadConfig, evidence, read_head
 from .latent_cache import LatentCache
@@ -316,9 +316,7 @@ class PatchGDClassifier(Classifier):
             resolved = loop.resolve(self.grid.num_patches)
             self.loop_config, self.loop = loop, resolved
         if fill_chunk is not None:
-            if isinstance(fill_chunk, bool) or fill_chunk < 1:
-                raise ConfigError(f"fill_chunk must be at least 1, got {fill_chunk}")
-            self.fill_chunk = fill_chunk
+            self.fill_chunk = require_count("fill_chunk", fill_chunk)
 
     @property
     def image_size(self) -> tuple[int, int]:  # type: ignore[override]

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, require_count
 from .grid import PatchGrid
 
 
@@ -58,8 +58,7 @@ def balanced_chunks(
     Balanced parts never leave a lone trailing patch, which BatchNorm with batch statistics
     could not normalise.
     """
-    if chunk < 1:
-        raise ConfigError(f"fill_chunk must be at least 1, got {chunk}")
+    require_count("fill_chunk", chunk)
     if isinstance(ids, int):
         ids = torch.arange(ids, device=device)
     if not len(ids):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from patchgd.errors import ConfigError
+from patchgd.errors import ConfigError, require_count
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -42,12 +42,8 @@ class GeneratedSplit(Dataset):
     ) -> None:
         if split not in SPLIT_CODE:
             raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}")
-        if not is_int(per_class) or per_class < 1:
-            raise ConfigError(
-                f"per_class={per_class!r} ({split} split): must be a positive integer"
-            )
-        if not is_int(seed) or seed < 0:
-            raise ConfigError(f"seed={seed!r}: must be a non-negative integer")
+        require_count(f"per_class ({split} split)", per_class)
+        require_count("seed", seed, at_least=0)
         if channels not in (1, 3):
             raise ConfigError(f"channels={channels!r}: must be 1 or 3")
         self.split, self.per_class, self.num_classes = split, int(per_class), num_classes

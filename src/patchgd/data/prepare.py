@@ -27,7 +27,7 @@ from patchgd._io import atomic_write
 from patchgd.data.dataset import LargeImageDataset, level_bands, resized_bands
 from patchgd.data.sources import SLIDE_SUFFIXES
 from patchgd.data.table import DEFAULT_EXTENSIONS, ImageTable, SkippedItem, TableItem
-from patchgd.errors import ConfigError, DataError
+from patchgd.errors import ConfigError, DataError, require_count
 
 __all__ = ["MAX_PNG_SIZE", "channel_stats", "prepare_images"]
 
@@ -239,9 +239,7 @@ def channel_stats(
         )
     count = len(dataset)
     if max_images is not None:
-        if not isinstance(max_images, int) or max_images < 1:
-            raise ConfigError(f"max_images={max_images!r}: must be a positive integer")
-        count = min(count, max_images)
+        count = min(count, require_count("max_images", max_images))
     # evenly spaced, first and last included (a step >= 1 keeps the rounded indices distinct)
     last = len(dataset) - 1
     indices = [round(i * last / (count - 1)) for i in range(count)] if count > 1 else [0]

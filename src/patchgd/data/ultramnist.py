@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from patchgd._io import atomic_write
-from patchgd.errors import ConfigError, DataError
+from patchgd.errors import ConfigError, DataError, require_count
 
 from .generated import SPLITS, GeneratedSplit, Split, is_int
 
@@ -96,8 +96,7 @@ class UltraMNISTConfig:
             "max_attempts",
             "max_restarts",
         ):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
+            require_count(name, getattr(self, name))
         if not isinstance(self.noise_background, bool):
             raise bad("noise_background", "must be True or False")
         if self.max_digits > _MAX_DIGITS_LIMIT:
@@ -106,10 +105,8 @@ class UltraMNISTConfig:
             raise bad("min_digits", f"greater than max_digits={self.max_digits}")
         if 9 * self.max_digits < self.num_classes - 1:
             raise bad("max_digits", f"too few digits to reach the sum {self.num_classes - 1}")
-        if self.reference_canvas is not None and (
-            not is_int(self.reference_canvas) or self.reference_canvas < 1
-        ):
-            raise bad("reference_canvas", "must be a positive integer or None")
+        if self.reference_canvas is not None:
+            require_count("reference_canvas", self.reference_canvas)
         if self.scale_weights is not None:
             object.__setattr__(self, "scale_weights", tuple(float(w) for w in self.scale_weights))
             w = np.asarray(self.scale_weights)
@@ -123,8 +120,7 @@ class UltraMNISTConfig:
         object.__setattr__(self, "split_fractions", fr)
         if len(fr) != 3 or min(fr) <= 0 or sum(fr) > 1 + 1e-9:
             raise bad("split_fractions", "need three positive fractions summing to at most 1")
-        if not is_int(self.pool_seed) or self.pool_seed < 0:
-            raise bad("pool_seed", "must be a non-negative integer")
+        require_count("pool_seed", self.pool_seed, at_least=0)
         # Feasibility: the largest digit must fit, and max_digits of the smallest drawable
         # size must fit side by side, otherwise placement could never succeed.
         drawable = [self.digit_size(int(f)) for f in np.flatnonzero(self.scale_probs) + 1]
