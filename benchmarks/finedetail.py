@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from functools import partial
 
 import torch
 from _report import DOCS, Panel, add_common_options, draw, markdown_table, publish, run_lines
@@ -192,15 +193,9 @@ def main() -> None:
         ("antialiased bilinear", sizes, [float(r[2]) for r in residue_rows], "o-"),
         ("area", sizes, [float(r[3]) for r in residue_rows], "s--"),
     ]
-    publish(
-        args,
-        "finedetail",
-        text,
-        lambda: draw([panel], 6, 3.5),
-        "finedetail_residue",
-        DOCS / "finedetail.md",
-        caption="texture residue against input size",
-    )
+    page, caption = DOCS / "finedetail.md", "texture residue against input size"
+    figure = partial(draw, [panel], 6, 3.5)
+    publish(args, "finedetail", text, figure, "finedetail_residue", page, caption=caption)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from _report import Panel, add_common_options, draw, fill_chunk, markdown_table, publish, run_lines
@@ -23,6 +24,7 @@ from patchgd import GDClassifier, PatchGDClassifier
 
 SECTION = "inference"
 FIGURE = "inference_speed"
+CAPTION = "Inference time per image, PatchGD and GD"
 TARGET_SIZE = 2048  # where the target applies: PatchGD at least as fast as GD
 TARGET_RATIO = 1.0
 # The paper's figures (A100, ResNet50, 2048 px), images per second.
@@ -182,15 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last size's models are gone; return their memory
 
-    caption = "Inference time per image, PatchGD and GD"
-    publish(
-        args,
-        SECTION,
-        markdown(rows, args),
-        lambda: plot(rows, args.backbone),
-        FIGURE,
-        caption=caption,
-    )
+    figure = partial(plot, rows, args.backbone)
+    publish(args, SECTION, markdown(rows, args), figure, FIGURE, caption=CAPTION)
     return 0
 
 

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 from _report import (
@@ -152,15 +153,9 @@ def main() -> None:
     ends = [min(exact_sizes), max(exact_sizes)]
     panel.lines.append(("GD, whole image", ends, [statistics.mean(scores[whole])] * 2, "k-"))
     panel.references, panel.ylim = [(1 / classes, "chance")], (0, 1)
-    publish(
-        args,
-        "patchsize",
-        text,
-        lambda: draw([panel], 6, 3.5),
-        "finedetail_patch_size",
-        DOCS / "finedetail.md",
-        caption="accuracy against patch size",
-    )
+    page, caption = DOCS / "finedetail.md", "accuracy against patch size"
+    figure = partial(draw, [panel], 6, 3.5)
+    publish(args, "patchsize", text, figure, "finedetail_patch_size", page, caption=caption)
 
 
 if __name__ == "__main__":

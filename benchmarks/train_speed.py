@@ -37,6 +37,7 @@ from patchgd.memory import resident_bytes
 
 SECTION = "training"
 FIGURE = "train_speed"
+CAPTION = "Training time per image, PatchGD and GD"
 TARGET_SIZE = 1024  # where the targets apply
 TARGET_FULL = 1.4  # PatchGD 100 % coverage: at most this many times GD's time per image
 TARGET_HALF = 0.8  # PatchGD 50 % coverage
@@ -373,15 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last size's models are gone; return their memory
 
-    caption = "Training time per image, PatchGD and GD"
-    publish(
-        args,
-        SECTION,
-        markdown(rows, args),
-        lambda: plot(rows, args.backbone),
-        FIGURE,
-        caption=caption,
-    )
+    figure = partial(plot, rows, args.backbone)
+    publish(args, SECTION, markdown(rows, args), figure, FIGURE, caption=CAPTION)
     return 0
 
 
