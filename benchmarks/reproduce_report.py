@@ -48,6 +48,11 @@ def _group(results: dict[str, dict], group: str, method: str, budget: str) -> li
     ]
 
 
+def _main_seed0(results: dict[str, dict], method: str, budget: str) -> list[dict]:
+    """The main study's seed-0 run of ``method`` at ``budget``: the one-seed tables' baseline."""
+    return [r for r in _group(results, "main", method, budget) if r["run"]["seed"] == 0]
+
+
 def _cells(rs: Sequence[dict]) -> list[str]:
     """Batch, input size, test and best-validation accuracy of a set of runs (seeds)."""
     return [
@@ -217,7 +222,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
     rows = []
     for method in ("gd_extended", "patchgd"):
         paper = _group(results, "head", method, p.tight)
-        linear = [r for r in _group(results, "main", method, p.tight) if r["run"]["seed"] == 0]
+        linear = _main_seed0(results, method, p.tight)
         if paper:
             rows.append(
                 [
@@ -298,7 +303,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
         ]
     rows = []
     for method in ("gd", "patchgd"):
-        main0 = [r for r in _group(results, "main", method, p.tight) if r["run"]["seed"] == 0]
+        main0 = _main_seed0(results, method, p.tight)
         for epochs, rs in (
             (p.epochs, main0),
             (2 * p.epochs, _group(results, "schedule", method, p.tight)),
@@ -321,7 +326,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
     rows = []
     for method in METHODS:
         scratch = _group(results, "scratch", method, p.tight)
-        pre = [r for r in _group(results, "main", method, p.tight) if r["run"]["seed"] == 0]
+        pre = _main_seed0(results, method, p.tight)
         if scratch:
             rows.append(
                 [
@@ -364,7 +369,7 @@ def report(results: dict[str, dict], p: Protocol, extra: dict, page: Path, argv:
         "",
     ]
     rows = []
-    base = [r for r in _group(results, "main", "patchgd", p.loose) if r["run"]["seed"] == 0]
+    base = _main_seed0(results, "patchgd", p.loose)
     for r in base + [r for r in results.values() if r["run"]["group"] == "table5"]:
         loop = patchgd_loop(p, loop=r["run"]["overrides"].get(f"{ARGS}.loop"))
         eps = loop.accumulation

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -315,4 +314,4 @@ class HeadConfig:
     pool: Pool = "flatten"
 
     def build(self, latent_dim: int, num_classes: int, grid_shape: tuple[int, int]) -> LatentHead:
-        return LatentHead(latent_dim, num_classes, grid_shape, **dataclasses.asdict(self))
+        return LatentHead(latent_dim, num_classes, grid_shape, **asdict(self))

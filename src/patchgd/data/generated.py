@@ -42,12 +42,12 @@ class GeneratedSplit(Dataset):
     ) -> None:
         if split not in SPLIT_CODE:
             raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}")
-        require_count(f"per_class ({split} split)", per_class)
-        require_count("seed", seed, at_least=0)
+        per_class = require_count(f"per_class ({split} split)", per_class)
+        seed = require_count("seed", seed, at_least=0)
         if channels not in (1, 3):
             raise ConfigError(f"channels={channels!r}: must be 1 or 3")
-        self.split, self.per_class, self.num_classes = split, int(per_class), num_classes
-        self.seed, self.transform, self.channels = int(seed), transform, channels
+        self.split, self.per_class, self.num_classes = split, per_class, num_classes
+        self.seed, self.transform, self.channels = seed, transform, channels
 
     def __len__(self) -> int:
         return self.per_class * self.num_classes
